@@ -1,0 +1,1 @@
+"""Hydra config groups: one per registry kind, one YAML preset per option."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each with the plain-torch reference it is checked against."""

@@ -1,0 +1,3 @@
+from modgen.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""Attention backend interface: ragged attention over the paged KV cache."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modgen.batch import RaggedBatch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a model asks of an attention backend."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    sliding_window: int | None
+
+
+@dataclass(kw_only=True)
+class AttentionConfig:
+    """Settings every attention backend has (none yet)."""
+
+
+class AttentionBackend(ABC):
+    """Computes attention for a whole ragged batch (prompt chunks and decodes) in one call.
+
+    The KV cache of one layer is a pair of tensors ``[num_slots, num_kv_heads, head_dim]``; slot
+    ``block * block_size + offset`` holds a token's key and value.
+    """
+
+    Config = AttentionConfig
+
+    def __init__(self, config: AttentionConfig) -> None:
+        self.config = config
+
+    def check(self, spec: AttentionSpec) -> None:  # noqa: B027 (optional hook)
+        """Raise ValueError saying why this backend cannot serve ``spec``; pass if it can."""
+
+    @abstractmethod
+    def prepare(self, batch: RaggedBatch) -> Any:
+        """Per-step metadata shared by every layer (index tensors, masks)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D], rotary already applied
+        k: torch.Tensor,  # [T, Hkv, D], rotary already applied
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_slots, Hkv, D]
+        batch: RaggedBatch,
+        meta: Any,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Write ``k`` and ``v`` into their slots, then attend each query to its sequence's KV."""

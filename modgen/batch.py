@@ -1,0 +1,89 @@
+"""The ragged batch one forward pass runs: flat tokens of many sequences over a paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modgen.kv import KVAllocator
+from modgen.scheduling import StepPlan
+
+
+@dataclass
+class RaggedBatch:
+    """Flat token ids of every chunk in a step plus what attention needs to find each one's KV.
+
+    T = tokens in the step, B = sequences (chunks), R = rows that need logits.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    seq_index: torch.Tensor  # [T] int64, which chunk each token belongs to
+    query_start: torch.Tensor  # [B + 1] int64, offsets of each chunk's tokens in the flat batch
+    query_lens: torch.Tensor  # [B] int64
+    context_lens: torch.Tensor  # [B] int64, KV length of each sequence once the step has run
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64, KV slot each new token is written to
+    logits_indices: torch.Tensor  # [R] int64, flat rows whose logits are sampled
+    block_size: int
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        """T."""
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        """B."""
+        return self.query_lens.shape[0]
+
+
+def build_ragged_batch(plan: StepPlan, kv: KVAllocator, device: torch.device) -> RaggedBatch:
+    """Flatten ``plan`` into tensors; one pass over the chunks, the rest is tensor arithmetic."""
+    token_ids: list[int] = []
+    starts: list[int] = []
+    lens: list[int] = []
+    tables: list[list[int]] = []
+    for chunk in plan.chunks:
+        seq = chunk.seq
+        start = seq.num_computed
+        token_ids.extend(seq.token_ids[start : start + chunk.num_tokens])
+        starts.append(start)
+        lens.append(chunk.num_tokens)
+        tables.append(kv.block_table(seq.seq_id))
+    max_blocks = max(len(t) for t in tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+
+    def as_tensor(x: list) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int64, device=device)
+
+    start_t, len_t = as_tensor(starts), as_tensor(lens)
+    block_tables = as_tensor(padded)  # [B, max_blocks]
+    query_start = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
+    torch.cumsum(len_t, 0, out=query_start[1:])
+    num_tokens = len(token_ids)
+    seq_index = torch.repeat_interleave(torch.arange(len(lens), device=device), len_t)  # [T]
+    offsets = torch.arange(num_tokens, device=device) - query_start[seq_index]
+    positions = start_t[seq_index] + offsets  # [T]
+    bs = kv.block_size
+    slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+    context_lens = start_t + len_t
+    completes = as_tensor([c.completes for c in plan.chunks]).bool()
+    logits_indices = (query_start[1:] - 1)[completes]
+    return RaggedBatch(
+        input_ids=as_tensor(token_ids),
+        positions=positions,
+        seq_index=seq_index,
+        query_start=query_start,
+        query_lens=len_t,
+        context_lens=context_lens,
+        block_tables=block_tables,
+        slot_mapping=slot_mapping,
+        logits_indices=logits_indices,
+        block_size=bs,
+        max_query_len=max(lens),
+        max_context_len=max(s + n for s, n in zip(starts, lens, strict=True)),
+    )

@@ -1,0 +1,75 @@
+"""The root config schema and composing it from override strings (the CLI and the Python API
+compose the very same config)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from modgen import registry
+
+CONFIG_MODULE = "modgen.conf"
+CONFIG_NAME = "config"
+T = TypeVar("T")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Engine-wide settings that belong to no plugin."""
+
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:N, or auto (cuda when available)."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; None means the model's max_position_embeddings."""
+    seed: int = 0
+    """Seed of sampling for requests that give no seed of their own."""
+    num_threads: int | None = None
+    """Torch CPU threads; None leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"engine.max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(kw_only=True)
+class RootConfig:
+    """Everything a run is made of: one node per registry kind plus engine settings."""
+
+    model: Any = MISSING
+    """The model (config group ``model``)."""
+    kv_allocator: Any = MISSING
+    """The KV allocator (config group ``kv_allocator``)."""
+    attention: Any = MISSING
+    """The attention backend (config group ``attention``)."""
+    scheduler: Any = None
+    """The scheduler; chosen with ``+scheduler=NAME``; None means splitfuse."""
+    task: Any = MISSING
+    """What ``python -m modgen`` does (config group ``task``)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine-wide settings."""
+
+
+ConfigStore.instance().store(name="modgen_schema", node=RootConfig, provider="modgen")
+
+
+def typed(cls: type[T], node: Any) -> T:
+    """``node`` (a DictConfig or dict) as an instance of dataclass ``cls``; unknown keys raise."""
+    if isinstance(node, cls):
+        return node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node))
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra override strings, as the CLI would."""
+    registry.load_plugins()
+    gh = GlobalHydra.instance()
+    if gh.is_initialized():  # e.g. called from inside a Hydra app: compose in its own context
+        gh.clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides))

@@ -1,0 +1,267 @@
+"""The engine: owns requests, runs schedule -> execute -> sample -> commit each step."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from modgen import registry
+from modgen.config import EngineConfig, typed
+from modgen.executor import Executor, ModelExecutor
+from modgen.kv import KVAllocator
+from modgen.model import CausalLM
+from modgen.sampler import Sampler
+from modgen.sampling_params import BadRequestError, SamplingParams
+from modgen.scheduling import Scheduler, StepPlan
+from modgen.sequence import FinishReason, SeqStatus, Sequence
+from modgen.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What one step did (for progress and benchmarks)."""
+
+    num_tokens: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_seqs: int
+    num_preempted: int
+    kv_blocks_used: int
+    duration: float
+
+
+class Engine:
+    """Continuous-batching engine. Knows no policy: the scheduler decides each step."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVAllocator,
+        scheduler: Scheduler,
+        executor: Executor,
+        tokenizer: Any | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.model, self.kv, self.scheduler, self.executor = model, kv, scheduler, executor
+        self.tokenizer = tokenizer
+        self.sampler = Sampler(self.config.seed)
+        self.max_model_len = min(
+            self.config.max_model_len or model.max_position_embeddings,
+            model.max_position_embeddings,
+        )
+        self.requests: dict[str, Sequence] = {}
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self.stats: list[StepStats] = []
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Engine:
+        """Build every component a composed root config names."""
+        engine_cfg = typed(EngineConfig, cfg.engine)
+        if engine_cfg.num_threads:
+            torch.set_num_threads(engine_cfg.num_threads)
+        device = _device(engine_cfg.device)
+        model = registry.build("model", cfg.model, device=device)
+        kv_cfg = registry.to_config("kv_allocator", cfg.kv_allocator)
+        num_blocks = kv_cfg.resolve_num_blocks(model.kv_bytes_per_token())
+        kv = registry.build("kv_allocator", kv_cfg, num_blocks)
+        sched_node = cfg.scheduler
+        if sched_node is None:
+            log.info("no scheduler given (+scheduler=NAME); using splitfuse")
+            sched_node = {"name": "splitfuse"}
+        scheduler = registry.build("scheduler", sched_node, kv)
+        attn = registry.build("attention", cfg.attention)
+        executor = ModelExecutor(model, attn, kv)
+        tokenizer = load_tokenizer(model.config.checkpoint)
+        log.info(
+            "engine: model=%s scheduler=%s kv=%s (%d blocks of %d) attention=%s device=%s",
+            model.registry_name, scheduler.registry_name, kv.registry_name, kv.num_blocks,
+            kv.block_size, attn.registry_name, device,
+        )  # fmt: skip
+        return cls(model, kv, scheduler, executor, tokenizer, engine_cfg)
+
+    # requests --------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: list[int] | str,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """Validate and queue a request; BadRequestError names what is wrong.
+
+        A rejected request changes nothing for the others."""
+        params = params or SamplingParams()
+        params.validate()
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise BadRequestError(f"request id '{request_id}' is already in use", "request_id")
+        prompt_ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise BadRequestError("stop strings need a tokenizer; this model has none", "stop")
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            max_total_tokens=min(len(prompt_ids) + params.max_tokens, self.max_model_len),
+            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+        )
+        self.scheduler.check(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _prompt_ids(self, prompt: list[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise BadRequestError(
+                    "text prompts need a tokenizer (tokenizer.json in the checkpoint); "
+                    "this model has none: pass token ids",
+                    "prompt",
+                )
+            prompt = self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise BadRequestError(
+                "prompt must be a non-empty string or list of token ids", "prompt"
+            )
+        vocab = self.model.vocab_size
+        bad = [
+            t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
+        if bad:
+            raise BadRequestError(
+                f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt"
+            )
+        if len(prompt) >= self.max_model_len:
+            raise BadRequestError(
+                f"prompt has {len(prompt)} tokens; the model's context is {self.max_model_len} "
+                "tokens, which leaves no room to generate",
+                "prompt",
+            )
+        return list(prompt)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its KV at once; False if it is unknown or already done."""
+        seq = self.requests.get(str(request_id))
+        if seq is None or seq.is_finished:
+            return False
+        self._finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is still waiting or running."""
+        return self.scheduler.has_work()
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (its output has been handed out)."""
+        seq = self.requests.get(request_id)
+        if seq is not None and seq.is_finished:
+            del self.requests[request_id]
+
+    # the step loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Run one forward pass; returns the sequences that gained a token or finished."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler planned an empty step while requests wait")
+            return []
+        for chunk in plan.chunks:
+            if chunk.seq.metrics.first_scheduled_time is None:
+                chunk.seq.metrics.first_scheduled_time = t0
+        stats = self._step_stats(plan)
+        logits = self.executor.execute(plan)
+        done = [c.seq for c in plan.chunks if c.completes]
+        for chunk in plan.chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        tokens = self.sampler.sample(logits, done, [self._banned(s) for s in done])
+        now = time.perf_counter()
+        for seq, token in zip(done, tokens, strict=True):
+            self._commit(seq, token, now)
+        stats.duration = now - t0
+        self.stats.append(stats)
+        return done
+
+    def _step_stats(self, plan: StepPlan) -> StepStats:
+        return StepStats(
+            num_tokens=plan.num_tokens,
+            num_prefill_tokens=plan.num_prefill_tokens,
+            num_decode_tokens=plan.num_decode_tokens,
+            num_seqs=len(plan),
+            num_preempted=len(plan.preempted),
+            kv_blocks_used=self.kv.num_used_blocks,
+            duration=0.0,
+        )
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        eos = [] if seq.params.ignore_eos else self.model.eos_token_ids
+        return [*eos, *seq.params.stop_token_ids]
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        return self._stop_ids(seq) if seq.num_output_tokens < seq.params.min_tokens else []
+
+    def _commit(self, seq: Sequence, token: int, now: float) -> None:
+        seq.token_ids.append(token)
+        m = seq.metrics
+        m.token_times.append(now)
+        if m.first_token_time is None:
+            m.first_token_time = now
+        try:
+            reason = self._stop_reason(seq, token)
+        except Exception as exc:  # a request that fails here fails alone
+            log.exception("request %s failed", seq.request_id)
+            self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+            return
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if token in self._stop_ids(seq):
+            return FinishReason.STOP
+        if p.stop and seq.num_output_tokens >= p.min_tokens:
+            text = self._detokenize(seq.output_token_ids)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = text[:cut]
+                return FinishReason.STOP
+        if seq.num_tokens >= seq.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _detokenize(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason, seq.error = reason, error
+        seq.metrics.finish_time = time.perf_counter()
+        self.kv.free(seq.seq_id)
+        self.scheduler.remove(seq)
+        self.sampler.forget(seq)
+        if not seq.text and reason is not FinishReason.ERROR:
+            ids = seq.output_token_ids
+            if reason is FinishReason.STOP and ids and ids[-1] in self._stop_ids(seq):
+                ids = ids[:-1]
+            seq.text = self._detokenize(ids)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,101 @@
+"""Model interface: a causal LM that runs a RaggedBatch over the paged KV cache."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modgen.attention import AttentionBackend, AttentionSpec
+from modgen.batch import RaggedBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Settings every model has."""
+
+    checkpoint: str | None = None
+    """Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json); when None,
+    the preset's shape is built with seeded random weights."""
+    dtype: str = "float32"
+    """Weights and activations: float32, bfloat16, float16, or auto (the checkpoint's)."""
+    seed: int = 0
+    """Seed of the random weights when no checkpoint is given."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"model.dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
+
+
+def read_hf_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict; a clear error if the directory is not one."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.checkpoint '{checkpoint}' is not a directory")
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"model.checkpoint '{checkpoint}' has no config.json")
+    return json.loads(config.read_text())
+
+
+def resolve_dtype(name: str, hf_config: dict[str, Any] | None) -> torch.dtype:
+    """The torch dtype for ``model.dtype`` (``auto`` reads the checkpoint's, else float32)."""
+    if name == "auto":
+        name = (hf_config or {}).get("torch_dtype") or (hf_config or {}).get("dtype") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {list(DTYPES)}")
+    return DTYPES[name]
+
+
+class CausalLM(nn.Module, ABC):
+    """A decoder-only LM. Implementations set the shape attributes below in ``__init__``."""
+
+    Config = ModelConfig
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    sliding_window: int | None
+    eos_token_ids: list[int]
+    dtype: torch.dtype
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.device = device
+
+    @abstractmethod
+    def forward(
+        self,
+        batch: RaggedBatch,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionBackend,
+        attn_meta: Any,
+    ) -> torch.Tensor:
+        """Logits ``[len(batch.logits_indices), vocab]`` for the rows that need them."""
+
+    def attention_spec(self) -> AttentionSpec:
+        """What this model asks of its attention backend."""
+        return AttentionSpec(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            sliding_window=self.sliding_window,
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes over all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem

@@ -1,0 +1,1 @@
+"""Built-in tasks (what ``python -m modgen task=NAME`` runs)."""

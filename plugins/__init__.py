@@ -1,0 +1,12 @@
+"""modgen's built-in plugins. They are imported explicitly, by this list, when the registry
+first loads plugins; third-party packages register through the ``modgen.plugins`` entry points."""
+
+BUILTIN = (
+    "modgen.plugins.models.llama",
+    "modgen.plugins.kv.blocked",
+    "modgen.plugins.schedulers.splitfuse",
+    "modgen.plugins.schedulers.continuous",
+    "modgen.plugins.schedulers.static",
+    "modgen.plugins.attention.torch_ref",
+    "modgen.tasks.generate",
+)
