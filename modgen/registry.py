@@ -1,10 +1,10 @@
 """One registry for every pluggable component.
 
 A component registers with ``@register(kind, name)``. Registering also stores the component's
-``Config`` dataclass in Hydra's ConfigStore as ``<name>_schema`` in config group ``kind``, so
+``Config`` dataclass in Hydra's ConfigStore as ``schema/<kind>/<name>``, so
 ``kind=name`` on the command line selects both the class and its typed schema, and a misspelt
 key is an error naming it. A preset ``conf/<kind>/<name>.yaml`` takes the option's place and
-extends ``<name>_schema``; a component without a preset gets the option ``name`` itself.
+extends ``/schema/<kind>/<name>``; a component without a preset gets the option ``name`` itself.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _node_class(cls: type, kind: str, name: str) -> type:
     if any(f.name == "name" for f in dataclasses.fields(config_cls)):
         raise RegistryError(f"{kind} '{name}': Config may not define a field called 'name'")
     node = dataclasses.make_dataclass(
-        config_cls.__name__,
+        f"{cls.__name__}Config",
         [("name", str, dataclasses.field(default=name, kw_only=True))],
         bases=(config_cls,),
         kw_only=True,
@@ -100,7 +100,7 @@ def register(kind: str, name: str) -> Callable[[T], T]:
         cls.registry_name = name  # type: ignore[attr-defined]
         _REGISTRY[kind][name] = cls
         ConfigStore.instance().store(
-            group=kind, name=f"{name}_schema", node=node, provider="modgen"
+            group=f"schema/{kind}", name=name, node=node, provider="modgen"
         )
         if not _has_preset(kind, name):
             # no YAML preset of that name: the schema itself is the option `kind=name`

@@ -28,6 +28,7 @@ class Sampler:
             gen = self._generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
         return gen
 
+    @torch.inference_mode()
     def sample(
         self, logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]]
     ) -> list[int]:

@@ -1,0 +1,117 @@
+"""The registry and the config groups built on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from modgen import registry
+from modgen.config import compose_config
+from modgen.scheduling import Scheduler, SchedulerConfig
+
+SMALL_ENOUGH_TO_BUILD = {"model": {"mistral", "llama"}}
+
+
+def group_options(kind: str) -> list[str]:
+    """Every option of config group ``kind`` (YAML presets and schema-only components)."""
+    registry.load_plugins()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="modgen.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        options = loader.get_group_options(kind)
+    return sorted(options)
+
+
+def test_every_kind_has_its_config_group_and_defaults():
+    for kind in registry.kinds():
+        assert group_options(kind), f"config group {kind} has no options"
+        assert set(registry.names(kind)) <= set(group_options(kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"),
+    [(k, o) for k in registry.kinds() for o in group_options(k)],
+)
+def test_compose_every_option_of_every_group(kind, option):
+    prefix = "+" if kind == "scheduler" else ""
+    cfg = compose_config([f"{prefix}{kind}={option}"])
+    config = registry.to_config(kind, cfg[kind])
+    cls = registry.get(kind, config.name)
+    assert isinstance(config, cls.ConfigNode)
+    if kind == "model" and option not in SMALL_ENOUGH_TO_BUILD["model"]:
+        assert config.hidden_size >= 4096  # GPU-sized presets: composed and typed, not built
+        return
+    if kind == "model":
+        component = registry.build(kind, config, device="cpu")
+        assert component.num_layers == config.num_hidden_layers
+    elif kind == "scheduler":
+        kv_cfg = registry.to_config("kv_allocator", {"name": "blocked"})
+        assert isinstance(
+            registry.build(kind, config, registry.build("kv_allocator", kv_cfg, 8)), cls
+        )
+    elif kind == "kv_allocator":
+        assert isinstance(registry.build(kind, config, 8), cls)
+    else:
+        assert isinstance(registry.build(kind, config), cls)
+
+
+def test_scheduler_group_has_no_default():
+    cfg = compose_config([])
+    assert cfg.scheduler is None
+    with pytest.raises(Exception, match=r"\+scheduler=splitfuse"):
+        compose_config(["scheduler=splitfuse"])
+
+
+def test_register_rejects_duplicates_and_wrong_base_classes():
+    @registry.register("scheduler", "test_dup")
+    class Dup(Scheduler):
+        @dataclass(kw_only=True)
+        class Config(SchedulerConfig):
+            """test"""
+
+        def schedule(self):
+            raise NotImplementedError
+
+    with pytest.raises(registry.RegistryError, match="already registered"):
+
+        @registry.register("scheduler", "test_dup")
+        class Dup2(Dup):
+            pass
+
+    with pytest.raises(registry.RegistryError, match="must subclass Scheduler"):
+
+        @registry.register("scheduler", "not_a_scheduler")
+        class NotOne:
+            Config = SchedulerConfig
+
+    with pytest.raises(registry.RegistryError, match="unknown registry kind 'schedulr'"):
+        registry.register("schedulr", "x")(Dup)
+
+
+def test_failed_lookup_lists_what_exists():
+    with pytest.raises(registry.RegistryError, match="continuous, splitfuse, static"):
+        registry.get("scheduler", "splitfuze")
+    with pytest.raises(registry.RegistryError, match="kinds: attention, kv_allocator, model"):
+        registry.names("schedulers")
+
+
+def test_unknown_keys_and_types_are_named_outside_hydra_too():
+    with pytest.raises(Exception, match="token_budgt"):
+        registry.to_config("scheduler", {"name": "splitfuse", "token_budgt": 3})
+    with pytest.raises(Exception, match="token_budget"):
+        registry.to_config("scheduler", {"name": "splitfuse", "token_budget": "many"})
+
+
+def test_python_api_and_cli_compose_the_same_config():
+    cfg = compose_config(["model=llama", "+scheduler=splitfuse", "scheduler.token_budget=64"])
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="modgen.conf", version_base="1.3"):
+        raw = compose(
+            "config", ["model=llama", "+scheduler=splitfuse", "scheduler.token_budget=64"]
+        )
+    assert cfg == raw
+    assert cfg.scheduler.token_budget == 64
+    assert cfg.model.name == "llama"

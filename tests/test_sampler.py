@@ -1,0 +1,133 @@
+"""Sampling parameters per row: greedy, temperature, top-k, top-p, seeds, stops, min/max tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sched_sim import make_seq
+
+from modgen import LLM, SamplingParams
+from modgen.sampler import Sampler
+
+
+def seq_with(i: int, **params):
+    s = make_seq(i, 3, 5)
+    s.params = SamplingParams(**params)
+    return s
+
+
+def test_greedy_rows_take_argmax_and_sampled_rows_stay_in_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    seqs = [
+        seq_with(0, temperature=0),
+        seq_with(1, temperature=1.0, top_k=1),
+        seq_with(2, temperature=1.0, top_k=3, seed=1),
+        seq_with(3, temperature=1.0, top_p=1e-6, seed=2),
+    ]
+    sampler = Sampler(0)
+    top3 = set(logits[2].topk(3).indices.tolist())
+    for _ in range(50):
+        out = sampler.sample(logits.clone(), seqs, [[]] * 4)
+        assert out[0] == int(logits[0].argmax())
+        assert out[1] == int(logits[1].argmax())
+        assert out[2] in top3
+        assert out[3] == int(logits[3].argmax())  # tiny top_p keeps only the most likely
+
+
+def test_temperature_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    sampler = Sampler(0)
+    seq = seq_with(0, temperature=1.0, seed=3)
+    n = 4000
+    counts = torch.zeros(4)
+    for _ in range(n):
+        counts[sampler.sample(logits.clone(), [seq], [[]])[0]] += 1
+    expected = torch.softmax(logits[0], 0) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # p = 0.001 for 3 degrees of freedom
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None]
+    sampler = Sampler(0)
+    seq = seq_with(0, temperature=1.0, top_p=0.75, seed=5)
+    seen = {sampler.sample(logits.clone(), [seq], [[]])[0] for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_banned_ids_are_never_sampled():
+    logits = torch.tensor([[10.0, 0.0, 0.0]])
+    sampler = Sampler(0)
+    assert sampler.sample(logits.clone(), [seq_with(0, temperature=0)], [[0]])[0] != 0
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoints):
+    return LLM(
+        "mistral", checkpoint=str(checkpoints["mistral"]), overrides=["+scheduler=splitfuse"]
+    )
+
+
+def test_same_seed_same_output_whatever_the_batch(llm, prompts):
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    alone = llm.generate([prompts[3]], p)[0].token_ids
+    others = SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True)
+    batch = llm.generate([prompts[0], prompts[3], prompts[5]], [others, p, others])
+    assert batch[1].token_ids == alone
+    other_seed = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    assert llm.generate([prompts[3]], other_seed)[0].token_ids != alone
+
+
+def test_stop_token_ids_min_tokens_and_max_tokens(llm, prompts):
+    greedy = llm.generate(
+        [prompts[4]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    )
+    toks = greedy[0].token_ids
+    stop_at = toks[3]
+    first = toks.index(stop_at)
+    out = llm.generate(
+        [prompts[4]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stop_at])
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == toks[: first + 1]
+    # min_tokens suppresses the stop token until that many tokens exist
+    out = llm.generate(
+        [prompts[4]],
+        SamplingParams(
+            max_tokens=10, min_tokens=first + 2, temperature=0, stop_token_ids=[stop_at]
+        ),
+    )[0]
+    assert len(out.token_ids) >= first + 2
+    assert stop_at not in out.token_ids[: first + 2]
+    out = llm.generate([prompts[4]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[
+        0
+    ]
+    assert (len(out.token_ids), out.finish_reason) == (4, "length")
+
+
+def test_eos_stops_unless_ignored(llm, prompts):
+    eos = llm.engine.model.eos_token_ids[0]
+    ids = llm.generate([prompts[2]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    run = ids[0].token_ids
+    out = llm.generate([prompts[2]], SamplingParams(max_tokens=40, temperature=0))[0]
+    if eos in run:
+        assert out.token_ids == run[: run.index(eos) + 1] and out.finish_reason == "stop"
+    else:
+        assert out.token_ids == run and out.finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text(llm, prompts):
+    full = llm.generate([prompts[4]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    words = full[0].text.split()
+    assert len(words) >= 4
+    out = llm.generate(
+        [prompts[4]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=[words[2]])
+    )[0]
+    assert out.finish_reason == "stop"
+    assert words[2] not in out.text.split()
+    assert out.text.split() == words[: words.index(words[2])]
+    assert not math.isnan(out.metrics.ttft)
