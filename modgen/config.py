@@ -51,6 +51,8 @@ class RootConfig:
     """The scheduler; chosen with ``+scheduler=NAME``; None means splitfuse."""
     task: Any = MISSING
     """What ``python -m modgen`` does (config group ``task``)."""
+    workload: Any = MISSING
+    """The requests a task sends (config group ``workload``)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Engine-wide settings."""
 

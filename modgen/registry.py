@@ -30,6 +30,7 @@ _BASES: dict[str, str] = {
     "kv_allocator": "modgen.kv:KVAllocator",
     "attention": "modgen.attention:AttentionBackend",
     "task": "modgen.task:Task",
+    "workload": "modgen.workload:Workload",
 }
 # kind -> name -> class
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in _BASES}

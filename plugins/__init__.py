@@ -8,5 +8,8 @@ BUILTIN = (
     "modgen.plugins.schedulers.continuous",
     "modgen.plugins.schedulers.static",
     "modgen.plugins.attention.torch_ref",
+    "modgen.plugins.workloads.lengths",
+    "modgen.plugins.workloads.trace",
     "modgen.tasks.generate",
+    "modgen.tasks.bench",
 )

@@ -47,12 +47,12 @@ print(json.dumps([type(llm.engine.scheduler).__module__, [o.token_ids for o in o
 def test_cli_uses_the_installed_plugin(plugin_env, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "modgen", "+scheduler=fifo_one", "model=mistral",
-         "model.num_hidden_layers=1", "task.num_requests=3", "task.prompt_len=[4,12]",
-         "task.output_len=[2,4]", f"hydra.run.dir={tmp_path}"],
+         "model.num_hidden_layers=1", "workload.num_requests=3", "workload.prompt_len=[4,12]",
+         "workload.output_len=[2,4]", f"hydra.run.dir={tmp_path}"],
         env=plugin_env, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert "mistral / fifo_one" in res.stdout
+    assert "generate: mistral / fifo_one" in res.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["summary"]["requests"] == 3
     assert results["config"]["scheduler"]["name"] == "fifo_one"

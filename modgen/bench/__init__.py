@@ -1,0 +1,1 @@
+"""Benchmark methodology: load generation, request metrics and FastGen's effective throughput."""

@@ -1,0 +1,134 @@
+"""Where load goes: the in-process engine, or any OpenAI-compatible ``/v1/completions`` URL.
+
+Both stream, and both record client-side token arrival times, so modgen and other engines are
+measured by the same harness.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+
+from modgen.async_engine import AsyncEngine
+from modgen.bench.metrics import RequestRecord
+from modgen.sampling_params import SamplingParams
+from modgen.workload import RequestSpec
+
+
+class Target(ABC):
+    """Sends one request and fills in its record as tokens arrive."""
+
+    @abstractmethod
+    async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
+        """Stream ``spec``; set ``rec.token_times``, ``finish_time`` and ``error``."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release connections or the engine loop."""
+
+
+class EngineTarget(Target):
+    """The in-process engine, through the same streaming interface a server uses."""
+
+    def __init__(self, engine: AsyncEngine, temperature: float = 0.0) -> None:
+        self.engine = engine
+        self.temperature = temperature
+
+    async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
+        params = SamplingParams(
+            max_tokens=spec.output_len,
+            min_tokens=spec.output_len,
+            temperature=self.temperature,
+            ignore_eos=True,
+        )
+        seen = 0
+        try:
+            async for out in self.engine.generate(spec.prompt, params):
+                now = time.perf_counter()
+                new = len(out.token_ids) - seen
+                rec.token_times.extend([now] * new)
+                seen += new
+                if out.finished and out.error:
+                    rec.error = out.error
+        except Exception as exc:
+            rec.error = f"{type(exc).__name__}: {exc}"
+        rec.finish_time = time.perf_counter()
+
+    async def close(self) -> None:
+        await self.engine.shutdown()
+
+
+class OpenAITarget(Target):
+    """A server speaking OpenAI's completions API with streaming (modgen, vLLM, llama.cpp...).
+
+    Prompts go as token-id lists with ``ignore_eos``; an event counts as a token when it carries
+    text or has no finish reason (llama.cpp sends one empty event with the finish reason).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None,
+        api_key: str | None = None,
+        temperature: float = 0.0,
+        reuse_connections: bool = True,
+        timeout_s: float = 600.0,
+        transport=None,
+    ) -> None:
+        import httpx
+
+        self.url = url.rstrip("/") + "/v1/completions"
+        self.model = model
+        self.temperature = temperature
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = None if reuse_connections else httpx.Limits(max_keepalive_connections=0)
+        kwargs = {"limits": limits} if limits else {}
+        self.client = httpx.AsyncClient(timeout=timeout_s, transport=transport, **kwargs)
+
+    def body(self, spec: RequestSpec) -> dict:
+        """The JSON request body for ``spec``."""
+        body = {
+            "prompt": spec.prompt,
+            "max_tokens": spec.output_len,
+            "min_tokens": spec.output_len,
+            "temperature": self.temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.model:
+            body["model"] = self.model
+        return body
+
+    async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
+        try:
+            async with self.client.stream(
+                "POST", self.url, json=self.body(spec), headers=self.headers
+            ) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")[:500]
+                    rec.error = f"HTTP {resp.status_code}: {text}"
+                else:
+                    await self._read_events(resp, rec)
+        except Exception as exc:
+            rec.error = f"{type(exc).__name__}: {exc}"
+        rec.finish_time = time.perf_counter()
+
+    @staticmethod
+    async def _read_events(resp, rec: RequestRecord) -> None:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                rec.error = str(event["error"])
+                return
+            for choice in event.get("choices") or []:
+                if choice.get("text") or choice.get("finish_reason") is None:
+                    rec.token_times.append(time.perf_counter())
+
+    async def close(self) -> None:
+        await self.client.aclose()
