@@ -33,9 +33,14 @@ class AttentionBackend(ABC):
 
     The KV cache of one layer is a pair of tensors ``[num_slots, num_kv_heads, head_dim]``; slot
     ``block * block_size + offset`` holds a token's key and value.
+
+    A backend whose ``fuses_rope`` is True applies rotary embedding itself (fused with the KV
+    write): the model then hands it ``q`` and ``k`` un-rotated, with ``rope=(cos, sin)``.
     """
 
     Config = AttentionConfig
+    fuses_rope: bool = False
+    """Whether ``forward`` takes un-rotated q/k plus ``rope`` and rotates them itself."""
 
     def __init__(self, config: AttentionConfig) -> None:
         self.config = config
@@ -50,13 +55,18 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(
         self,
-        q: torch.Tensor,  # [T, Hq, D], rotary already applied
-        k: torch.Tensor,  # [T, Hkv, D], rotary already applied
+        q: torch.Tensor,  # [T, Hq, D], rotary applied unless fuses_rope
+        k: torch.Tensor,  # [T, Hkv, D], rotary applied unless fuses_rope
         v: torch.Tensor,  # [T, Hkv, D]
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_slots, Hkv, D]
         batch: RaggedBatch,
         meta: Any,
         scale: float,
         sliding_window: int | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: [T, 1, D]
     ) -> torch.Tensor:  # [T, Hq, D]
-        """Write ``k`` and ``v`` into their slots, then attend each query to its sequence's KV."""
+        """Write ``k`` and ``v`` into their slots, then attend each query to its sequence's KV.
+
+        ``rope`` is passed only to backends with ``fuses_rope``: they rotate ``q`` and ``k`` by
+        it (``x * cos + rotate_half(x) * sin``) before use.
+        """

@@ -8,6 +8,7 @@ BUILTIN = (
     "modgen.plugins.schedulers.continuous",
     "modgen.plugins.schedulers.static",
     "modgen.plugins.attention.torch_ref",
+    "modgen.plugins.attention.triton",
     "modgen.plugins.workloads.lengths",
     "modgen.plugins.workloads.trace",
     "modgen.tasks.generate",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Triton kernels are made when their module is first imported: the tests run them under Triton's
+# CPU interpreter unless the environment already says otherwise (TRITON_INTERPRET=0 on a GPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import hf_greedy, hf_model, make_checkpoint
 

@@ -155,10 +155,14 @@ class DecoderLayer(nn.Module):
         s, d = self.s, self.head_dim
         x = rms_norm(h, self.input_norm, s.rms_norm_eps)
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotate(q.view(-1, s.num_attention_heads, d), cos, sin)
-        k = rotate(k.view(-1, s.num_key_value_heads, d), cos, sin)
+        q = q.view(-1, s.num_attention_heads, d)
+        k = k.view(-1, s.num_key_value_heads, d)
         v = v.view(-1, s.num_key_value_heads, d)
-        o = attn.forward(q, k, v, kv_cache, batch, meta, d**-0.5, self.window)
+        if attn.fuses_rope:  # the backend rotates q/k in its KV-write kernel
+            o = attn.forward(q, k, v, kv_cache, batch, meta, d**-0.5, self.window, rope=(cos, sin))
+        else:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            o = attn.forward(q, k, v, kv_cache, batch, meta, d**-0.5, self.window)
         h = h + self.o_proj(o.reshape(-1, self.q_size))
         gate, up = self.gate_up(rms_norm(h, self.post_norm, s.rms_norm_eps)).chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up)
