@@ -14,52 +14,55 @@ from modgen.registry import register
 
 @dataclass
 class _Group:
-    """Chunks attended together, padded to one query and one context length."""
+    """Chunks attended together, padded to one query length and a whole number of KV blocks."""
 
     q_index: torch.Tensor  # [b, max_q] flat token row of each query (0 where padded)
     q_valid: torch.Tensor  # [b, max_q] bool
-    kv_slots: torch.Tensor  # [b, max_kv] cache slot of each context position (0 where padded)
+    blocks: torch.Tensor  # [b * n_blocks] cache blocks holding each sequence's context, in order
     q_pos: torch.Tensor  # [b, max_q] position of each query
-    causal: torch.Tensor  # [b, max_q, max_kv] bool: valid and causal
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # window -> [b,1,q,kv]
-    out_rows: torch.Tensor | None = None  # [n_valid] flat rows of the valid queries
+    causal: torch.Tensor  # [b, max_q, n_blocks * block_size] bool: valid and causal
+    out_rows: torch.Tensor  # [n_valid] flat rows of the valid queries
+    masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        if window not in self.masks:
+    def mask(self, window: int | None, group: int) -> torch.Tensor:
+        """[b, 1, max_q * group, kv]: each query row repeated for the ``group`` query heads that
+        share a KV head."""
+        key = (window, group)
+        if key not in self.masks:
             m = self.causal
             if window is not None:
                 kv_pos = torch.arange(m.shape[-1], device=m.device)
                 m = m & (kv_pos[None, None, :] > self.q_pos[:, :, None] - window)
             m = m.clone()
             m[:, :, 0] |= ~self.q_valid  # padded queries see one slot: no NaN rows
-            self.masks[window] = m[:, None]
-        return self.masks[window]
+            self.masks[key] = m.repeat_interleave(group, dim=1)[:, None]
+        return self.masks[key]
 
 
 def _group(batch: RaggedBatch, chunks: torch.Tensor) -> _Group:
     q_lens = batch.query_lens[chunks]
     ctx = batch.context_lens[chunks]
-    max_q, max_kv = int(q_lens.max()), int(ctx.max())
+    max_q, bs = int(q_lens.max()), batch.block_size
+    n_blocks = -(-int(ctx.max()) // bs)
     dev = q_lens.device
     ar_q = torch.arange(max_q, device=dev)
     q_valid = ar_q[None, :] < q_lens[:, None]
     q_index = torch.where(q_valid, batch.query_start[chunks][:, None] + ar_q, 0)
     q_pos = (ctx - q_lens)[:, None] + ar_q  # [b, max_q]
-    kv_pos = torch.arange(max_kv, device=dev)
-    bs = batch.block_size
-    tables = batch.block_tables[chunks]
-    kv_slots = tables[:, kv_pos // bs] * bs + kv_pos % bs  # [b, max_kv]
+    kv_pos = torch.arange(n_blocks * bs, device=dev)
     kv_valid = kv_pos[None, :] < ctx[:, None]
-    kv_slots = torch.where(kv_valid, kv_slots, 0)
     causal = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])
-    return _Group(q_index, q_valid, kv_slots, q_pos, causal, out_rows=q_index[q_valid])
+    blocks = batch.block_tables[chunks][:, :n_blocks].reshape(-1)
+    return _Group(q_index, q_valid, blocks, q_pos, causal, q_index[q_valid])
 
 
 @register("attention", "torch")
 class TorchAttention(AttentionBackend):
-    """Writes new K/V by slot, gathers each sequence's context through its block table, and runs
-    scaled-dot-product attention with a causal (and sliding-window) mask. Decodes and prompt
-    chunks form two padded groups, so padding stays small when both are in one step."""
+    """Writes new K/V by slot, gathers each sequence's context block by block through its block
+    table, and runs scaled-dot-product attention with a causal (and sliding-window) mask. The
+    query heads sharing a KV head are folded into the query rows, so K/V are never repeated.
+    Decodes and prompt chunks form two padded groups, so padding stays small when both are in
+    one step."""
 
     @dataclass(kw_only=True)
     class Config(AttentionConfig):
@@ -74,17 +77,27 @@ class TorchAttention(AttentionBackend):
                 groups.append(_group(batch, chunks))
         return groups
 
-    def forward(self, q, k, v, kv_cache, batch, meta, scale, sliding_window):
+    def forward(self, q, k, v, kv_cache, batch, meta, scale, sliding_window, rope=None):
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
+        _, hq, d = q.shape
+        hkv = k.shape[1]
+        g_size = hq // hkv
+        bs = batch.block_size
+        k_blocks = k_cache.view(-1, bs, hkv, d)
+        v_blocks = v_cache.view(-1, bs, hkv, d)
         out = torch.empty_like(q)
         for g in meta:
-            qg = q[g.q_index].transpose(1, 2)  # [b, Hq, max_q, D]
-            kg = k_cache[g.kv_slots].transpose(1, 2)  # [b, Hkv, max_kv, D]
-            vg = v_cache[g.kv_slots].transpose(1, 2)
+            b, max_q = g.q_index.shape
+            # [b, max_q, Hq, D] -> [b, Hkv, max_q * G, D]: rows are (query, head in group)
+            qg = q[g.q_index].view(b, max_q, hkv, g_size, d).transpose(1, 2)
+            qg = qg.reshape(b, hkv, max_q * g_size, d)
+            kg = k_blocks.index_select(0, g.blocks).view(b, -1, hkv, d).transpose(1, 2)
+            vg = v_blocks.index_select(0, g.blocks).view(b, -1, hkv, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask(sliding_window), scale=scale, enable_gqa=True
-            )
-            out[g.out_rows] = o.transpose(1, 2)[g.q_valid]
+                qg, kg, vg, attn_mask=g.mask(sliding_window, g_size), scale=scale
+            )  # [b, Hkv, max_q * G, D]
+            o = o.view(b, hkv, max_q, g_size, d).transpose(1, 2).reshape(b, max_q, hq, d)
+            out[g.out_rows] = o[g.q_valid]
         return out
