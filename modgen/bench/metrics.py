@@ -212,6 +212,14 @@ def summary_table(s: dict[str, Any], title: str) -> str:
             f"{s['effective_throughput']:.2f} req/s ({s['sla_fraction']:.0%} meet the SLA)",
         )
     )
+    if "roofline_bound_s" in s:
+        rows.append(
+            (
+                "roofline bound / efficiency",
+                f"{s['roofline_bound_s']:.2f} s ({s['roofline_flops'] / 1e12:.2f} TFLOP at "
+                f"{s['roofline_machine_gflops']:.0f} GFLOP/s) / {s['roofline_efficiency']:.2f}x",
+            )
+        )
     if "goodput" in s:
         rows.append(("goodput", f"{s['goodput']:.2f} req/s"))
     if "steps" in s:

@@ -31,7 +31,7 @@ from modgen.bench.targets import EngineTarget, OpenAITarget, Target
 from modgen.engine import Engine
 from modgen.registry import register
 from modgen.task import Task, TaskConfig
-from modgen.tasks.results import scheduler_name, write_results
+from modgen.tasks.results import roofline_summary, scheduler_name, write_results
 from modgen.workload import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class BenchTask(Task):
         records, wall = asyncio.run(self._drive(target, specs, engine))
         summary = summarize(records, wall, c.sla, c.goodput)
         steps = engine.stats if engine else None
+        summary.update(roofline_summary(root, records, len(steps or []), wall))
         if engine:
             summary.update(summarize_steps(engine.stats, engine.kv.num_blocks))
             summary["model"] = engine.model.registry_name

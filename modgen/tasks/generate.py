@@ -19,7 +19,7 @@ from modgen.engine import Engine
 from modgen.registry import register
 from modgen.sampling_params import SamplingParams
 from modgen.task import Task, TaskConfig
-from modgen.tasks.results import scheduler_name, write_results
+from modgen.tasks.results import roofline_summary, scheduler_name, write_results
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class GenerateTask(Task):
         ]
         summary = summarize(records, wall)
         summary.update(summarize_steps(engine.stats, engine.kv.num_blocks))
+        summary.update(roofline_summary(root, records, len(engine.stats), wall))
         summary.update(scheduler=scheduler_name(root), model=engine.model.registry_name)
         print(summary_table(summary, f"generate: {summary['model']} / {summary['scheduler']}"))
         write_results(output_dir, root, summary, records, engine.stats)

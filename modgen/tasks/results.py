@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from modgen.bench.metrics import RequestRecord, record_dict
+from modgen.bench.roofline import Shape, roofline
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,15 @@ log = logging.getLogger(__name__)
 def scheduler_name(root: DictConfig) -> str:
     """The scheduler a run used (splitfuse when none was given)."""
     return root.scheduler.name if root.get("scheduler") is not None else "splitfuse"
+
+
+def roofline_summary(
+    root: DictConfig, records: list[RequestRecord], steps: int, wall_time: float
+) -> dict[str, Any]:
+    """The run's FLOPs, bytes, machine bound and efficiency (see modgen.bench.roofline)."""
+    shape = Shape.from_model_config(root.model)
+    done = [(r.prompt_tokens, r.output_tokens) for r in records if r.ok]
+    return {f"roofline_{k}": v for k, v in roofline(shape, done, steps, wall_time).items()}
 
 
 def write_results(
