@@ -3,7 +3,17 @@
 from modgen.engine import Engine
 from modgen.llm import LLM
 from modgen.outputs import RequestOutput
+from modgen.pipelines import Pipeline, pipeline
 from modgen.registry import register
 from modgen.sampling_params import BadRequestError, SamplingParams
 
-__all__ = ["LLM", "BadRequestError", "Engine", "RequestOutput", "SamplingParams", "register"]
+__all__ = [
+    "LLM",
+    "BadRequestError",
+    "Engine",
+    "Pipeline",
+    "RequestOutput",
+    "SamplingParams",
+    "pipeline",
+    "register",
+]

@@ -8,12 +8,13 @@ serving connections while the model computes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from modgen.engine import Engine
+from modgen.engine import Engine, StepStats
 from modgen.outputs import RequestOutput
 from modgen.sampling_params import SamplingParams
 
@@ -28,6 +29,18 @@ class EngineDeadError(RuntimeError):
     """The step loop failed or was stopped; the request cannot finish."""
 
 
+class EngineHooks:
+    """Callbacks of the step loop (on the event loop's thread), e.g. for metrics; override what
+    you need. They must be quick and must not raise."""
+
+    def on_step(self, stats: StepStats) -> None:
+        """A step ran."""
+
+    def on_finish(self, output: RequestOutput) -> None:
+        """A request ended (finished, aborted or failed inside the engine); not called for
+        requests refused before they ran."""
+
+
 @dataclass
 class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
@@ -38,12 +51,23 @@ class AsyncEngine:
     """Runs ``engine`` in a background task; ``generate`` streams a request's outputs.
 
     ``max_queued`` bounds the unfinished requests (waiting plus running); beyond it ``generate``
-    raises QueueFullError at once instead of queueing without limit.
+    raises QueueFullError at once instead of queueing without limit. ``hooks`` observe steps and
+    finished requests; ``max_step_stats`` bounds ``engine.stats`` (a long-running server would
+    otherwise keep one entry per step forever; None keeps all).
     """
 
-    def __init__(self, engine: Engine, max_queued: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_queued: int | None = None,
+        *,
+        hooks: EngineHooks | None = None,
+        max_step_stats: int | None = None,
+    ) -> None:
         self.engine = engine
         self.max_queued = max_queued
+        self.hooks = hooks
+        self.max_step_stats = max_step_stats
         self._streams: dict[str, _Stream] = {}
         self._pending: list[tuple[str, list[int] | str, SamplingParams, float]] = []
         self._aborts: list[str] = []
@@ -83,9 +107,33 @@ class AsyncEngine:
         return len(self._streams)
 
     @property
+    def num_waiting(self) -> int:
+        """Requests accepted that hold no KV yet (queued for the next step, or waiting)."""
+        return len(self._pending) + self.engine.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding KV."""
+        return self.engine.scheduler.num_running
+
+    @property
     def is_running(self) -> bool:
         """Whether the step loop is alive."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def is_accepting(self) -> bool:
+        """Whether ``submit`` takes new requests (not shutting down, loop not failed)."""
+        return not self._closing and self.error is None
+
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise QueueFullError unless ``num_requests`` more requests fit under the limit now
+        (e.g. all ``n`` choices of one HTTP request, before submitting any)."""
+        if self.max_queued is not None and len(self._streams) + num_requests > self.max_queued:
+            raise QueueFullError(
+                f"the engine holds {len(self._streams)} unfinished requests (limit "
+                f"{self.max_queued}); {num_requests} more do not fit"
+            )
 
     # requests ---------------------------------------------------------------------------------
 
@@ -99,7 +147,20 @@ class AsyncEngine:
         last one finished. Bad input raises BadRequestError before anything is yielded; a caller
         that stops iterating (a client that disconnects) aborts the request and frees its KV."""
         rid = self.submit(prompt, params or SamplingParams(), request_id)
-        stream = self._streams[rid]
+        async with contextlib.aclosing(self.outputs(rid)) as outputs:
+            async for out in outputs:
+                yield out
+
+    def outputs(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The outputs of a request just queued with ``submit``, streamed as ``generate`` streams
+        them; call it right after ``submit`` and iterate it once. Closing it early aborts the
+        request."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise KeyError(f"no unfinished request '{request_id}'")
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 item = await stream.queue.get()
@@ -165,6 +226,16 @@ class AsyncEngine:
             if last is not None:
                 stream.queue.put_nowait(last)
         self.engine.release(rid)
+        if self.hooks is not None and isinstance(last, RequestOutput):
+            self.hooks.on_finish(last)
+
+    def _after_step(self, num_stats_before: int) -> None:
+        stats = self.engine.stats
+        if self.hooks is not None:
+            for st in stats[num_stats_before:]:
+                self.hooks.on_step(st)
+        if self.max_step_stats is not None and len(stats) > self.max_step_stats:
+            del stats[: len(stats) - self.max_step_stats]
 
     async def _loop(self) -> None:
         try:
@@ -175,7 +246,9 @@ class AsyncEngine:
                     if not (self._pending or self._aborts):
                         await self._wake.wait()
                     continue
+                num_stats = len(self.engine.stats)
                 updated = await asyncio.to_thread(self.engine.step)
+                self._after_step(num_stats)
                 for seq in updated:
                     out = RequestOutput.from_sequence(seq)
                     if seq.is_finished:

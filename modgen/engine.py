@@ -106,11 +106,33 @@ class Engine:
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise BadRequestError(f"request id '{request_id}' is already in use", "request_id")
+        seq = self._new_sequence(prompt, params, request_id, next(self._seq_ids), arrival_time)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def check_request(
+        self, prompt: list[int] | str, params: SamplingParams | None = None
+    ) -> list[int]:
+        """Validate a request as ``add_request`` would, without queueing it; returns its prompt
+        token ids. Reads only immutable state, so a server may call it while a step runs."""
+        params = params or SamplingParams()
+        params.validate()
+        return self._new_sequence(prompt, params, "check", -1, None).prompt_token_ids
+
+    def _new_sequence(
+        self,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        request_id: str,
+        seq_id: int,
+        arrival_time: float | None,
+    ) -> Sequence:
         prompt_ids = self._prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise BadRequestError("stop strings need a tokenizer; this model has none", "stop")
         seq = Sequence(
-            seq_id=next(self._seq_ids),
+            seq_id=seq_id,
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             params=params,
@@ -118,8 +140,6 @@ class Engine:
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
         )
         self.scheduler.check(seq)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
         return seq
 
     def _prompt_ids(self, prompt: list[int] | str) -> list[int]:

@@ -13,4 +13,5 @@ BUILTIN = (
     "modgen.plugins.workloads.trace",
     "modgen.tasks.generate",
     "modgen.tasks.bench",
+    "modgen.serve.task",
 )

@@ -176,7 +176,9 @@ def test_openai_target_counts_streamed_tokens_and_reports_errors():
             return httpx.Response(429, json={"error": {"message": "queue full"}})
         events = [{"choices": [{"text": f" w{i}", "finish_reason": None}]} for i in range(3)]
         events.append({"choices": [{"text": "", "finish_reason": "length"}]})  # llama.cpp style
-        events.append({"choices": [], "usage": {"completion_tokens": 3}})
+        if body["max_tokens"] == 4:  # a last token that decodes to no text: usage counts it
+            events.append({"choices": [{"text": "", "finish_reason": "length"}]})
+        events.append({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}})
         return httpx.Response(200, content=sse(events))
 
     target = OpenAITarget("http://127.0.0.1:1", "m", transport=httpx.MockTransport(handler))
@@ -186,11 +188,14 @@ def test_openai_target_counts_streamed_tokens_and_reports_errors():
         await target.send(RequestSpec([1, 2, 3], 3), ok)
         bad = RequestRecord(3, 99, 0.0)
         await target.send(RequestSpec([1, 2, 3], 99), bad)
+        silent_last = RequestRecord(3, 4, 0.0)
+        await target.send(RequestSpec([1, 2, 3], 4), silent_last)
         await target.close()
-        return ok, bad
+        return ok, bad, silent_last
 
-    ok, bad = asyncio.run(main())
+    ok, bad, silent_last = asyncio.run(main())
     assert ok.ok and ok.output_tokens == 3
+    assert silent_last.ok and silent_last.output_tokens == 4
     assert seen["prompt"] == [1, 2, 3] and seen["ignore_eos"] is True and seen["stream"] is True
     assert not bad.ok and "HTTP 429" in bad.error and "queue full" in bad.error
 

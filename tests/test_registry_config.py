@@ -13,6 +13,7 @@ from modgen.config import compose_config
 from modgen.scheduling import Scheduler, SchedulerConfig
 
 SMALL_ENOUGH_TO_BUILD = {"model": {"mistral", "llama"}}
+REQUIRED = {("workload", "trace"): ["workload.path=/dev/null"]}  # options with a mandatory field
 
 
 def group_options(kind: str) -> list[str]:
@@ -37,7 +38,7 @@ def test_every_kind_has_its_config_group_and_defaults():
 )
 def test_compose_every_option_of_every_group(kind, option):
     prefix = "+" if kind == "scheduler" else ""
-    cfg = compose_config([f"{prefix}{kind}={option}"])
+    cfg = compose_config([f"{prefix}{kind}={option}", *REQUIRED.get((kind, option), [])])
     config = registry.to_config(kind, cfg[kind])
     cls = registry.get(kind, config.name)
     assert isinstance(config, cls.ConfigNode)

@@ -116,19 +116,25 @@ class OpenAITarget(Target):
 
     @staticmethod
     async def _read_events(resp, rec: RequestRecord) -> None:
+        usage = None
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                return
+                break
             event = json.loads(data)
             if "error" in event:
                 rec.error = str(event["error"])
                 return
+            usage = event.get("usage") or usage
             for choice in event.get("choices") or []:
                 if choice.get("text") or choice.get("finish_reason") is None:
                     rec.token_times.append(time.perf_counter())
+        # a last token that decoded to no text still counts, as the server's usage says
+        missing = (usage or {}).get("completion_tokens", 0) - len(rec.token_times)
+        if missing > 0 and rec.token_times:
+            rec.token_times.extend([time.perf_counter()] * missing)
 
     async def close(self) -> None:
         await self.client.aclose()

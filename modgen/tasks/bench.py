@@ -27,6 +27,7 @@ from modgen.bench.metrics import (
     summarize_steps,
     summary_table,
 )
+from modgen.bench.roofline import Shape
 from modgen.bench.targets import EngineTarget, OpenAITarget, Target
 from modgen.engine import Engine
 from modgen.registry import register
@@ -86,7 +87,7 @@ class BenchTask(Task):
         c = self.config
         engine = None
         if c.url:
-            vocab = root.model.vocab_size
+            vocab = Shape.from_model_config(root.model).vocab  # the checkpoint's, if one is named
             target: Target = OpenAITarget(
                 c.url, c.served_model, c.api_key, c.temperature, c.reuse_connections
             )
