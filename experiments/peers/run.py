@@ -186,7 +186,7 @@ def main() -> None:
                 modgen(
                     "task=bench",
                     "task.mode=open",
-                    "task.rate=.inf",
+                    "task.rate=inf",
                     *url,
                     *base,
                     *WORKLOADS[wl],

@@ -68,6 +68,21 @@ class TorchAttention(AttentionBackend):
     class Config(AttentionConfig):
         """The torch reference backend has no settings."""
 
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__(config)
+        # gather buffers kept across layers and steps: a fresh multi-MB tensor per call costs
+        # more in page faults than the copy itself
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def _gather(self, blocks: torch.Tensor, index: torch.Tensor, key: tuple) -> torch.Tensor:
+        """``blocks[index]`` into a reused buffer."""
+        numel = index.numel() * blocks[0].numel()
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != blocks.dtype:
+            buf = self._scratch[key] = torch.empty(numel, dtype=blocks.dtype, device=blocks.device)
+        out = buf[:numel].view(index.numel(), *blocks.shape[1:])
+        return torch.index_select(blocks, 0, index, out=out)
+
     def prepare(self, batch: RaggedBatch) -> list[_Group]:
         is_decode = batch.query_lens == 1
         groups = []
@@ -88,13 +103,13 @@ class TorchAttention(AttentionBackend):
         k_blocks = k_cache.view(-1, bs, hkv, d)
         v_blocks = v_cache.view(-1, bs, hkv, d)
         out = torch.empty_like(q)
-        for g in meta:
+        for i, g in enumerate(meta):
             b, max_q = g.q_index.shape
             # [b, max_q, Hq, D] -> [b, Hkv, max_q * G, D]: rows are (query, head in group)
             qg = q[g.q_index].view(b, max_q, hkv, g_size, d).transpose(1, 2)
             qg = qg.reshape(b, hkv, max_q * g_size, d)
-            kg = k_blocks.index_select(0, g.blocks).view(b, -1, hkv, d).transpose(1, 2)
-            vg = v_blocks.index_select(0, g.blocks).view(b, -1, hkv, d).transpose(1, 2)
+            kg = self._gather(k_blocks, g.blocks, ("k", i)).view(b, -1, hkv, d).transpose(1, 2)
+            vg = self._gather(v_blocks, g.blocks, ("v", i)).view(b, -1, hkv, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask(sliding_window, g_size), scale=scale
             )  # [b, Hkv, max_q * G, D]
