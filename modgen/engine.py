@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from modgen import registry
 from modgen.config import EngineConfig, typed
+from modgen.cpu_tuning import keep_allocations_on_heap
 from modgen.executor import Executor, ModelExecutor
 from modgen.kv import KVAllocator
 from modgen.model import CausalLM
@@ -70,6 +71,8 @@ class Engine:
         if engine_cfg.num_threads:
             torch.set_num_threads(engine_cfg.num_threads)
         device = _device(engine_cfg.device)
+        if device.type == "cpu" and engine_cfg.heap_allocations:
+            keep_allocations_on_heap()
         model = registry.build("model", cfg.model, device=device)
         kv_cfg = registry.to_config("kv_allocator", cfg.kv_allocator)
         num_blocks = kv_cfg.resolve_num_blocks(model.kv_bytes_per_token())
