@@ -56,6 +56,8 @@ class RootConfig:
     """What ``python -m modgen`` does (config group ``task``)."""
     workload: Any = MISSING
     """The requests a task sends (config group ``workload``)."""
+    serve: Any = None
+    """Server settings, present with ``task=serve`` (``serve.port``, ``serve.replicas``...)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Engine-wide settings."""
 

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modgen import registry
 from modgen.config import compose_config
 from modgen.engine import Engine
 from modgen.serve.app import create_app
 from modgen.serve.server import ServerThread
+from modgen.serve.task import serve_config
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.content }} {% endfor %}"
 
@@ -40,11 +40,11 @@ def start_server(checkpoint: Path, *overrides: str) -> Served:
             f"model.checkpoint={checkpoint}",
             "+scheduler=splitfuse",
             "task=serve",
-            f"task.chat_template='{CHAT_TEMPLATE}'",
+            f"serve.chat_template='{CHAT_TEMPLATE}'",
             *overrides,
         ]
     )
-    serve_cfg = registry.to_config("task", cfg.task)
+    serve_cfg = serve_config(cfg)
     engine = Engine.from_config(cfg)
     app = create_app(engine, serve_cfg, "mistral")
     thread = ServerThread(app, serve_cfg.grace_period_s, app.state.modgen.begin_shutdown)

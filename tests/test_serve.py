@@ -15,9 +15,10 @@ from conftest import MAX_NEW
 from serve_utils import CHAT_TEMPLATE, metric, slow_steps, start_server, wait_for
 
 import modgen
-from modgen import LLM, SamplingParams, registry
+from modgen import LLM, SamplingParams
 from modgen.async_engine import AsyncEngine, EngineHooks
 from modgen.config import compose_config
+from modgen.serve.task import serve_config
 
 GREEDY = {"temperature": 0.0, "max_tokens": MAX_NEW, "extra_body": {"ignore_eos": True}}
 
@@ -276,7 +277,7 @@ def test_a_request_failing_in_the_engine_fails_alone(server, offline, prompts, m
 
 
 def test_queue_limit_gives_429_with_a_clear_body(checkpoints, prompts):
-    served = start_server(checkpoints["mistral"], "task.max_queued=2")
+    served = start_server(checkpoints["mistral"], "serve.max_queued=2")
     body = {"model": "mistral", "prompt": prompts[2], "max_tokens": 40, "temperature": 0,
             "ignore_eos": True, "stream": True}  # fmt: skip
     try:
@@ -304,7 +305,7 @@ def test_queue_limit_gives_429_with_a_clear_body(checkpoints, prompts):
 
 
 def test_api_keys_guard_every_v1_route(checkpoints):
-    served = start_server(checkpoints["mistral"], "task.api_keys=[sekrit,other]")
+    served = start_server(checkpoints["mistral"], "serve.api_keys=[sekrit,other]")
     try:
         with httpx.Client(base_url=served.url) as http:
             for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
@@ -324,16 +325,16 @@ def test_api_keys_guard_every_v1_route(checkpoints):
 
 
 def test_binding_beyond_loopback_is_an_explicit_choice():
-    cfg = compose_config(["task=serve", "task.host=0.0.0.0"])
+    cfg = compose_config(["task=serve", "serve.host=0.0.0.0"])
     with pytest.raises(Exception, match="allow_remote"):
-        registry.to_config("task", cfg.task)
-    cfg = compose_config(["task=serve", "task.host=0.0.0.0", "task.allow_remote=true"])
-    assert registry.to_config("task", cfg.task).host == "0.0.0.0"
-    assert registry.to_config("task", compose_config(["task=serve"]).task).host == "127.0.0.1"
+        serve_config(cfg)
+    cfg = compose_config(["task=serve", "serve.host=0.0.0.0", "serve.allow_remote=true"])
+    assert serve_config(cfg).host == "0.0.0.0"
+    assert serve_config(compose_config(["task=serve"])).host == "127.0.0.1"
 
 
 def test_drain_finishes_short_requests_and_aborts_long_ones(checkpoints, prompts):
-    served = start_server(checkpoints["mistral"], "task.grace_period_s=1.0")
+    served = start_server(checkpoints["mistral"], "serve.grace_period_s=1.0")
     url = f"{served.url}/v1/completions"
 
     def body(n):

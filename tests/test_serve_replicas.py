@@ -1,4 +1,4 @@
-"""``task=serve task.replicas=2`` as users start it: two engine processes behind the balancer.
+"""``task=serve serve.replicas=2`` as users start it: two engine processes behind the balancer.
 Work goes to the replica with the least outstanding work; a killed replica fails its in-flight
 requests at once (no client hangs) and is restarted; SIGTERM drains and exits cleanly."""
 
@@ -37,9 +37,9 @@ def balancer(tmp_path_factory):
     port = free_port()
     log = open(tmp / "server.log", "w")  # noqa: SIM115
     args = [
-        "task=serve", "task.replicas=2", f"task.port={port}", "model=mistral",
-        f"model.checkpoint={ckpt}", "+scheduler=splitfuse", "task.health_interval_s=0.25",
-        "task.grace_period_s=5", f"hydra.run.dir={tmp / 'run'}",
+        "task=serve", "serve.replicas=2", f"serve.port={port}", "model=mistral",
+        f"model.checkpoint={ckpt}", "+scheduler=splitfuse", "serve.health_interval_s=0.25",
+        "serve.grace_period_s=5", f"hydra.run.dir={tmp / 'run'}",
     ]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "modgen", *args], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"

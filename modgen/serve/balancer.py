@@ -228,7 +228,7 @@ def serve_replicas(root: DictConfig, cfg: ServeTask.Config, model_name: str, wor
     sock = bind_socket(cfg.host, cfg.port)  # fail early if the port is taken
     workdir.mkdir(parents=True, exist_ok=True)
     replica_root = OmegaConf.to_container(root, resolve=True)
-    replica_root["task"].update(replicas=1, host="127.0.0.1", port=0, allow_remote=False)
+    replica_root["serve"].update(replicas=1, host="127.0.0.1", port=0, allow_remote=False)
     engine = replica_root["engine"]
     if engine.get("num_threads") is None and engine.get("device", "cpu") == "cpu":
         # replicas share the machine's cores instead of each taking all of them

@@ -76,7 +76,7 @@ def _render_chat(st: ServerState, req: p.ChatCompletionRequest) -> list[int]:
     template = st.config.chat_template or getattr(tok, "chat_template", None)
     if tok is None or not template:
         raise BadRequestError(
-            "this model has no chat template: start the server with task.chat_template=... "
+            "this model has no chat template: start the server with serve.chat_template=... "
             "(a Jinja template over `messages`) or use /v1/completions",
             "messages",
         )

@@ -1,7 +1,7 @@
 """``task=serve``: a persistent OpenAI-compatible server, one engine or N replicas behind a
 least-outstanding-work load balancer.
 
-    python -m modgen task=serve model=mistral +scheduler=splitfuse task.port=8000
+    python -m modgen task=serve model=mistral +scheduler=splitfuse serve.port=8000
 
 Importing this module is cheap: the web stack is imported when the task runs.
 """
@@ -30,6 +30,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def serve_config(root: DictConfig) -> ServeTask.Config:
+    """The typed ``serve.*`` settings of a composed ``task=serve`` config."""
+    from modgen import registry
+
+    if root.get("serve") is None:
+        raise ValueError("no serve settings: compose with task=serve")
+    return registry.to_config("task", root.serve)
 
 
 @register("task", "serve")
@@ -70,8 +79,9 @@ class ServeTask(Task):
         def __post_init__(self) -> None:
             if not self.allow_remote and not is_loopback(self.host):
                 raise ValueError(
-                    f"task.host={self.host} would accept connections from other machines; "
-                    "set task.allow_remote=true to do that on purpose (and consider task.api_keys)"
+                    f"serve.host={self.host} would accept connections from other machines; "
+                    "set serve.allow_remote=true to do that on purpose (and consider "
+                    "serve.api_keys)"
                 )
             checks = [
                 (0 <= self.port <= 65535, "port", "in [0, 65535]"),
@@ -84,17 +94,17 @@ class ServeTask(Task):
             ]
             for ok, name, expected in checks:
                 if not ok:
-                    raise ValueError(f"task.{name} must be {expected}, got {getattr(self, name)!r}")
+                    raise ValueError(f"serve.{name} must be {expected}, got {getattr(self, name)!r}")
 
     config: Config
 
     def run(self, root: DictConfig, output_dir: Path) -> dict[str, Any]:
         """Serve until stopped; returns what was served."""
-        cfg = self.config
+        cfg = serve_config(root)
         name = cfg.served_model_name or str(root.model.name)
         if cfg.allow_remote and not is_loopback(cfg.host) and not cfg.api_keys:
             log.warning(
-                "serving on %s without task.api_keys: anyone who can reach it may use it", cfg.host
+                "serving on %s without serve.api_keys: anyone who can reach it may use it", cfg.host
             )
         if cfg.replicas == 1:
             from modgen.serve.server import bind_socket

@@ -67,11 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     from modgen import registry
     from modgen.serve.server import bind_socket
+    from modgen.serve.task import serve_config
 
     registry.load_plugins()
     root = OmegaConf.load(args.config)
     assert isinstance(root, DictConfig)
-    cfg = registry.to_config("task", root.task)
+    cfg = serve_config(root)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
 
