@@ -94,7 +94,8 @@ class ServeTask(Task):
             ]
             for ok, name, expected in checks:
                 if not ok:
-                    raise ValueError(f"serve.{name} must be {expected}, got {getattr(self, name)!r}")
+                    value = getattr(self, name)
+                    raise ValueError(f"serve.{name} must be {expected}, got {value!r}")
 
     config: Config
 
