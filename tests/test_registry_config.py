@@ -116,3 +116,18 @@ def test_python_api_and_cli_compose_the_same_config():
     assert cfg == raw
     assert cfg.scheduler.token_budget == 64
     assert cfg.model.name == "llama"
+
+
+@pytest.mark.parametrize(
+    "name", ["splitfuse_vs_continuous", "splitfuse_token_budget", "kv_block_size"]
+)
+def test_experiment_presets_compose_with_their_sweeps(name):
+    GlobalHydra.instance().clear()
+    registry.load_plugins()
+    with initialize_config_module(config_module="modgen.conf", version_base="1.3"):
+        cfg = compose("config", [f"+experiment={name}"], return_hydra_config=True)
+    assert registry.to_config("task", cfg.task).name == "bench"
+    assert registry.to_config("workload", cfg.workload).name == "synthetic"
+    params = cfg.hydra.sweeper.params
+    assert "+scheduler" in params and len(params) == 2
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
