@@ -56,6 +56,26 @@ def _group(batch: RaggedBatch, chunks: torch.Tensor) -> _Group:
     return _Group(q_index, q_valid, blocks, q_pos, causal, q_index[q_valid])
 
 
+def _buckets(batch: RaggedBatch, chunks: torch.Tensor, slack: float = 1.5) -> list[torch.Tensor]:
+    """Split ``chunks`` into groups whose padded attention work (chunks x longest query x longest
+    context) stays within ``slack`` times their real work, longest contexts first; a short
+    prompt tail then no longer pads to a long neighbour's shape."""
+    if chunks.numel() == 0:
+        return []
+    ctx, order = batch.context_lens[chunks].sort(descending=True)
+    q_lens = batch.query_lens[chunks][order].tolist()
+    ctx_list = ctx.tolist()
+    groups, start, real, max_q = [], 0, 0, 0
+    for i, (q, c) in enumerate(zip(q_lens, ctx_list, strict=True)):
+        new_max_q, new_real = max(max_q, q), real + q * c
+        if i > start and (i - start + 1) * new_max_q * ctx_list[start] > slack * new_real:
+            groups.append(chunks[order[start:i]])
+            start, new_max_q, new_real = i, q, q * c
+        max_q, real = new_max_q, new_real
+    groups.append(chunks[order[start:]])
+    return groups
+
+
 @register("attention", "torch")
 class TorchAttention(AttentionBackend):
     """Writes new K/V by slot, gathers each sequence's context block by block through its block
@@ -87,8 +107,7 @@ class TorchAttention(AttentionBackend):
         is_decode = batch.query_lens == 1
         groups = []
         for sel in (is_decode, ~is_decode):
-            chunks = sel.nonzero().flatten()
-            if chunks.numel():
+            for chunks in _buckets(batch, sel.nonzero().flatten()):
                 groups.append(_group(batch, chunks))
         return groups
 
