@@ -81,8 +81,8 @@ class TorchAttention(AttentionBackend):
     """Writes new K/V by slot, gathers each sequence's context block by block through its block
     table, and runs scaled-dot-product attention with a causal (and sliding-window) mask. The
     query heads sharing a KV head are folded into the query rows, so K/V are never repeated.
-    Decodes and prompt chunks form two padded groups, so padding stays small when both are in
-    one step."""
+    Decodes and prompt chunks are padded in separate groups, bucketed by size so padding stays
+    small."""
 
     @dataclass(kw_only=True)
     class Config(AttentionConfig):
@@ -92,9 +92,9 @@ class TorchAttention(AttentionBackend):
         super().__init__(config)
         # gather buffers kept across layers and steps: a fresh multi-MB tensor per call costs
         # more in page faults than the copy itself
-        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}
 
-    def _gather(self, blocks: torch.Tensor, index: torch.Tensor, key: tuple) -> torch.Tensor:
+    def _gather(self, blocks: torch.Tensor, index: torch.Tensor, key: str) -> torch.Tensor:
         """``blocks[index]`` into a reused buffer."""
         numel = index.numel() * blocks[0].numel()
         buf = self._scratch.get(key)
@@ -122,13 +122,13 @@ class TorchAttention(AttentionBackend):
         k_blocks = k_cache.view(-1, bs, hkv, d)
         v_blocks = v_cache.view(-1, bs, hkv, d)
         out = torch.empty_like(q)
-        for i, g in enumerate(meta):
+        for g in meta:  # one group's K/V buffers are used up before the next group's gather
             b, max_q = g.q_index.shape
             # [b, max_q, Hq, D] -> [b, Hkv, max_q * G, D]: rows are (query, head in group)
             qg = q[g.q_index].view(b, max_q, hkv, g_size, d).transpose(1, 2)
             qg = qg.reshape(b, hkv, max_q * g_size, d)
-            kg = self._gather(k_blocks, g.blocks, ("k", i)).view(b, -1, hkv, d).transpose(1, 2)
-            vg = self._gather(v_blocks, g.blocks, ("v", i)).view(b, -1, hkv, d).transpose(1, 2)
+            kg = self._gather(k_blocks, g.blocks, "k").view(b, -1, hkv, d).transpose(1, 2)
+            vg = self._gather(v_blocks, g.blocks, "v").view(b, -1, hkv, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask(sliding_window, g_size), scale=scale
             )  # [b, Hkv, max_q * G, D]
