@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from modgen.batch import RaggedBatch
+from modgen.batch import RaggedBatch, ragged_batch
 
 
 def random_batch(
@@ -27,24 +27,13 @@ def random_batch(
     used = col[None, :] < n_blocks[:, None]  # [B, max_blocks]
     tables = torch.zeros(used.shape, dtype=torch.int64)
     tables[used] = order[: int(n_blocks.sum())]
-    query_start = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
-    query_start[1:] = q_len.cumsum(0)
-    seq_index = torch.repeat_interleave(torch.arange(len(q_lens)), q_len)  # [T]
-    positions = (ctx - q_len)[seq_index] + torch.arange(len(seq_index)) - query_start[seq_index]
-    slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
-    batch = RaggedBatch(
-        input_ids=torch.zeros(len(seq_index), dtype=torch.int64),
-        positions=positions,
-        seq_index=seq_index,
-        query_start=query_start,
-        query_lens=q_len,
-        context_lens=ctx,
+    batch = ragged_batch(
+        input_ids=torch.zeros(int(q_len.sum()), dtype=torch.int64),
+        starts=ctx - q_len,
+        lens=q_len,
         block_tables=tables,
-        slot_mapping=slots,
-        logits_indices=query_start[1:] - 1,
+        completes=torch.ones(len(q_lens), dtype=torch.bool),
         block_size=block_size,
-        max_query_len=max(q_lens),
-        max_context_len=max(ctx_lens),
     )
     fields = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}
     return RaggedBatch(**fields), num_blocks * block_size

@@ -60,30 +60,45 @@ def build_ragged_batch(plan: StepPlan, kv: KVAllocator, device: torch.device) ->
     def as_tensor(x: list) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64, device=device)
 
-    start_t, len_t = as_tensor(starts), as_tensor(lens)
-    block_tables = as_tensor(padded)  # [B, max_blocks]
-    query_start = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
-    torch.cumsum(len_t, 0, out=query_start[1:])
-    num_tokens = len(token_ids)
-    seq_index = torch.repeat_interleave(torch.arange(len(lens), device=device), len_t)  # [T]
-    offsets = torch.arange(num_tokens, device=device) - query_start[seq_index]
-    positions = start_t[seq_index] + offsets  # [T]
-    bs = kv.block_size
-    slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
-    context_lens = start_t + len_t
-    completes = as_tensor([c.completes for c in plan.chunks]).bool()
-    logits_indices = (query_start[1:] - 1)[completes]
-    return RaggedBatch(
+    return ragged_batch(
         input_ids=as_tensor(token_ids),
+        starts=as_tensor(starts),
+        lens=as_tensor(lens),
+        block_tables=as_tensor(padded),
+        completes=as_tensor([c.completes for c in plan.chunks]).bool(),
+        block_size=kv.block_size,
+    )
+
+
+def ragged_batch(
+    input_ids: torch.Tensor,  # [T]
+    starts: torch.Tensor,  # [B] position of each chunk's first token
+    lens: torch.Tensor,  # [B] tokens of each chunk
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    completes: torch.Tensor,  # [B] bool: the chunk's last row needs logits
+    block_size: int,
+) -> RaggedBatch:
+    """The RaggedBatch of chunks given by their starts, lengths and block tables."""
+    device = lens.device
+    query_start = torch.zeros(len(lens) + 1, dtype=torch.int64, device=device)
+    torch.cumsum(lens, 0, out=query_start[1:])
+    seq_index = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)  # [T]
+    offsets = torch.arange(len(seq_index), device=device) - query_start[seq_index]
+    positions = starts[seq_index] + offsets  # [T]
+    bs = block_size
+    slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+    context_lens = starts + lens
+    return RaggedBatch(
+        input_ids=input_ids,
         positions=positions,
         seq_index=seq_index,
         query_start=query_start,
-        query_lens=len_t,
+        query_lens=lens,
         context_lens=context_lens,
         block_tables=block_tables,
         slot_mapping=slot_mapping,
-        logits_indices=logits_indices,
+        logits_indices=(query_start[1:] - 1)[completes],
         block_size=bs,
-        max_query_len=max(lens),
-        max_context_len=max(s + n for s, n in zip(starts, lens, strict=True)),
+        max_query_len=int(lens.max()),
+        max_context_len=int(context_lens.max()),
     )

@@ -45,13 +45,6 @@ class RequestMetrics:
             return None
         return self.first_token_time - self.arrival_time
 
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first."""
-        if self.finish_time is None or len(self.token_times) < 2:
-            return None
-        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
-
 
 @dataclass(eq=False)
 class Sequence:
