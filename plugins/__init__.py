@@ -9,6 +9,8 @@ BUILTIN = (
     "modgen.plugins.schedulers.static",
     "modgen.plugins.attention.torch_ref",
     "modgen.plugins.attention.triton",
+    "modgen.plugins.attention.cpu",
+    "modgen.plugins.attention.auto",
     "modgen.plugins.workloads.lengths",
     "modgen.plugins.workloads.trace",
     "modgen.tasks.generate",

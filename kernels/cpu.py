@@ -1,0 +1,158 @@
+"""The CPU paged-attention kernel (``cpu_attention.cpp``): built with the machine's C++ compiler
+on first use, cached, and called through ctypes.
+
+The build takes about half a second and needs no torch headers: the kernel takes raw pointers.
+It is compiled for the head dim it will serve (``-DHEAD_DIM``) and for the building machine
+(``-march=native``); the cache key holds both, the source's hash and the compiler, so a change to
+any of them builds afresh. ``MODGEN_CACHE_DIR`` moves the cache (default
+``~/.cache/modgen/kernels``); ``CXX`` picks the compiler (default ``g++``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel could not be built on this machine."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    root = os.environ.get("MODGEN_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "modgen" / "kernels"
+
+
+def compiler() -> str:
+    """The C++ compiler to build with; raises KernelBuildError naming what is missing."""
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise KernelBuildError(
+            f"attention=cpu builds its kernel with a C++ compiler and {cxx!r} was not found "
+            "(install g++ or set CXX), or use attention=torch"
+        )
+    return path
+
+
+class _Call(ctypes.Structure):
+    """Mirror of ``ModgenAttentionCall`` in cpu_attention.cpp."""
+
+    _fields_ = [
+        *[(n, ctypes.c_void_p) for n in ("q", "k", "v", "cos", "sin", "slot_mapping")],
+        *[(n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "out")],
+        *[(n, ctypes.c_void_p) for n in ("query_start", "context_lens", "block_tables")],
+        *[(n, ctypes.c_int64) for n in ("q_stride", "k_stride", "v_stride", "num_tokens")],
+        *[(n, ctypes.c_int64) for n in ("num_seqs", "max_blocks", "hq", "hkv")],
+        *[(n, ctypes.c_int64) for n in ("block_size", "window")],
+        ("scale", ctypes.c_float),
+    ]
+
+
+@cache
+def load(head_dim: int) -> ctypes.CDLL:
+    """The kernel library for ``head_dim``, built if it is not cached yet."""
+    cxx = compiler()
+    source = SOURCE.read_bytes()
+    flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
+    key = hashlib.sha256(
+        source + " ".join([cxx, *flags, platform.machine(), platform.node()]).encode()
+    ).hexdigest()[:16]
+    lib_path = cache_dir() / f"cpu_attention_d{head_dim}_{key}.so"
+    if not lib_path.exists():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            tmp_lib = Path(tmp) / lib_path.name
+            proc = subprocess.run(
+                [cxx, *flags, str(SOURCE), "-o", str(tmp_lib)], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise KernelBuildError(
+                    f"building {SOURCE.name} failed ({cxx} {' '.join(flags)}):\n{proc.stderr}"
+                )
+            os.replace(tmp_lib, lib_path)  # atomic: concurrent builders never see half a file
+    lib = ctypes.CDLL(str(lib_path))
+    lib.modgen_attention_f32.restype = ctypes.c_int
+    lib.modgen_attention_f32.argtypes = [ctypes.POINTER(_Call)]
+    return lib
+
+
+def _rows(name: str, t: torch.Tensor, heads: int, head_dim: int) -> int:
+    """Row stride of a [T, heads, head_dim] float32 CPU tensor whose heads are packed."""
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a float32 CPU tensor, not {t.dtype} on {t.device}")
+    if t.dim() != 3 or t.shape[1:] != (heads, head_dim) or t.stride()[1:] != (head_dim, 1):
+        raise ValueError(
+            f"{name} must be [T, {heads}, {head_dim}] with packed heads; got shape "
+            f"{tuple(t.shape)}, strides {t.stride()}"
+        )
+    return t.stride(0)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D] float32; heads packed, rows may be strided
+    k_cache: torch.Tensor,  # [slots, Hkv, D], contiguous
+    v_cache: torch.Tensor,  # [slots, Hkv, D], contiguous
+    query_start: torch.Tensor,  # [B + 1] int64
+    context_lens: torch.Tensor,  # [B] int64
+    block_tables: torch.Tensor,  # [B, max_blocks] int64
+    block_size: int,
+    scale: float,
+    sliding_window: int | None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of every query in a ragged batch over its sequence's paged K/V (causal, and
+    windowed when ``sliding_window`` is set).
+
+    ``new_kv=(k, v, slot_mapping)`` writes this step's keys and values ([T, Hkv, D]) into their
+    slots first; otherwise they must be in the cache already. ``rope=(cos, sin)`` ([T, 1, D] or
+    [T, D]) rotates the queries and the new keys on the way (Hugging Face's rotate_half
+    convention).
+    """
+    num_tokens, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    call = _Call(q=q.data_ptr(), q_stride=_rows("q", q, hq, d), num_tokens=num_tokens)
+    for name, t in [("k_cache", k_cache), ("v_cache", v_cache)]:
+        _rows(name, t, hkv, d)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    index = [query_start, context_lens, block_tables]
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in index):
+        raise ValueError("query_start, context_lens and block_tables must be contiguous int64")
+    if new_kv is not None:
+        k, v, slots = new_kv
+        call.k, call.k_stride = k.data_ptr(), _rows("k", k, hkv, d)
+        call.v, call.v_stride = v.data_ptr(), _rows("v", v, hkv, d)
+        if slots.dtype != torch.int64 or not slots.is_contiguous() or len(slots) != num_tokens:
+            raise ValueError(f"slot_mapping must be {num_tokens} contiguous int64")
+        call.slot_mapping = slots.data_ptr()
+    if rope is not None:
+        cos, sin = (x.reshape(num_tokens, d) for x in rope)
+        if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
+            raise ValueError("rope tables must be contiguous float32 [T, D]")
+        call.cos, call.sin = cos.data_ptr(), sin.data_ptr()
+    out = torch.empty((num_tokens, hq, d), dtype=q.dtype) if out is None else out
+    call.k_cache, call.v_cache, call.out = k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+    call.query_start, call.context_lens = query_start.data_ptr(), context_lens.data_ptr()
+    call.block_tables = block_tables.data_ptr()
+    call.num_seqs, call.max_blocks = context_lens.shape[0], block_tables.shape[1]
+    call.hq, call.hkv, call.block_size = hq, hkv, block_size
+    call.window, call.scale = sliding_window or 0, scale
+    if load(d).modgen_attention_f32(ctypes.byref(call)) != 0:
+        raise ValueError(f"{hq} query heads over {hkv} KV heads: groups over 64 are not supported")
+    return out

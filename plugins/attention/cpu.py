@@ -1,0 +1,71 @@
+"""``attention=cpu``: a C++ paged-attention kernel for the CPU (float32), built on first use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modgen.attention import AttentionBackend, AttentionConfig, AttentionSpec
+from modgen.batch import RaggedBatch
+from modgen.registry import register
+
+
+@register("attention", "cpu")
+class CpuAttention(AttentionBackend):
+    """One kernel call per layer rotates q and k (RoPE), writes the new K/V into their slots,
+    then attends every query of the step to its sequence's keys and values, read through the
+    block table with no gathered copy and no mask tensor. Each tile of queries walks only the
+    keys it can see (causal, sliding window) with an online softmax; prompt tiles vectorise over
+    query rows, decode tiles over the head dim, and tiles run in parallel on torch's OpenMP
+    threads. See ``modgen/kernels/cpu_attention.cpp``."""
+
+    @dataclass(kw_only=True)
+    class Config(AttentionConfig):
+        """The CPU kernel has no settings."""
+
+    fuses_rope = True
+
+    def check(self, spec: AttentionSpec) -> None:
+        if spec.device.type != "cpu":
+            raise ValueError(
+                f"attention=cpu runs on the CPU, not on device {spec.device.type!r}: use "
+                "attention=triton or attention=torch"
+            )
+        if spec.dtype != torch.float32:
+            raise ValueError(
+                f"attention=cpu computes in float32; the model's dtype is {spec.dtype}: use "
+                "attention=torch, or model.dtype=float32"
+            )
+        if spec.num_heads % spec.num_kv_heads or spec.num_heads // spec.num_kv_heads > 64:
+            raise ValueError(
+                f"attention=cpu cannot group {spec.num_heads} query heads over "
+                f"{spec.num_kv_heads} KV heads (groups of at most 64)"
+            )
+        from modgen.kernels import cpu
+
+        try:
+            cpu.load(spec.head_dim)  # build now, so a missing compiler shows before serving
+        except cpu.KernelBuildError as err:
+            raise ValueError(str(err)) from err
+
+    def prepare(self, batch: RaggedBatch) -> None:
+        return None
+
+    def forward(self, q, k, v, kv_cache, batch, meta, scale, sliding_window, rope=None):
+        from modgen.kernels import cpu
+
+        k_cache, v_cache = kv_cache
+        return cpu.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            batch.query_start,
+            batch.context_lens,
+            batch.block_tables,
+            batch.block_size,
+            scale,
+            sliding_window,
+            new_kv=(k, v, batch.slot_mapping),
+            rope=rope,
+        )

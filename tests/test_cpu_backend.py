@@ -1,0 +1,172 @@
+"""``attention=cpu`` (the C++ kernel) and ``attention=auto``: the kernel computes what the torch
+reference does (RoPE, KV write, causal and windowed attention over the paged cache), says why it
+cannot run, and the default picks it where it can and falls back where it cannot."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_e2e_hf import GREEDY, SCHEDULES, capture_first_logits
+
+from modgen import LLM, registry
+from modgen.attention import AttentionSpec
+from modgen.kernels import cpu
+from modgen.kernels.testing import random_batch
+from modgen.plugins.attention.torch_ref import TorchAttention
+from modgen.plugins.models.llama import rotate
+
+Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
+CTX_LENS = [9, 7, 20, 40, 13, 1, 100]
+
+
+def qkv_rope(num_tokens: int, hq: int, hkv: int, d: int, seed: int = 0):
+    """q, k, v as strided views of one packed projection (as the model makes them), and rotary
+    tables [T, 1, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, generator=gen)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    angle = torch.randn(num_tokens, 1, d // 2, generator=gen).repeat(1, 1, 2)
+    return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d), (angle.cos(), angle.sin())
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 16), (8, 2, 64), (6, 6, 40), (16, 1, 32)])
+@pytest.mark.parametrize("window", [None, 8])
+def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window):
+    batch, num_slots = random_batch(Q_LENS, CTX_LENS, block_size, seed=1)
+    q, k, v, rope = qkv_rope(batch.num_tokens, hq, hkv, d)
+    gen = torch.Generator().manual_seed(2)
+    cache = [torch.randn(num_slots, hkv, d, generator=gen) for _ in range(2)]
+    ref_cache = [c.clone() for c in cache]
+    ref = TorchAttention(TorchAttention.Config())
+    want = ref.forward(
+        rotate(q, *rope), rotate(k, *rope), v, ref_cache, batch, ref.prepare(batch), 0.3, window
+    )
+    attn = registry.build("attention", {"name": "cpu"})
+    got = attn.forward(q, k, v, cache, batch, attn.prepare(batch), 0.3, window, rope=rope)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(cache, ref_cache, strict=True):  # the same K/V written, same slots
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_without_rope_or_write_reads_the_cache_as_it_is():
+    batch, num_slots = random_batch(Q_LENS, CTX_LENS, 4, seed=3)
+    q, _, _, _ = qkv_rope(batch.num_tokens, 8, 2, 32)
+    cache = [torch.randn(num_slots, 2, 32) for _ in range(2)]
+    ref = TorchAttention(TorchAttention.Config())
+    # the reference writes k/v first: hand it what the cache already holds at those slots
+    k, v = (c[batch.slot_mapping] for c in cache)
+    want = ref.forward(q, k, v, [c.clone() for c in cache], batch, ref.prepare(batch), 0.2, None)
+    got = cpu.paged_attention(
+        q, *cache, batch.query_start, batch.context_lens, batch.block_tables, 4, 0.2, None
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_names_bad_tensors():
+    batch, num_slots = random_batch([2], [5], 4)
+    q = torch.randn(2, 4, 16)
+    cache = [torch.zeros(num_slots, 2, 16) for _ in range(2)]
+    args = (batch.query_start, batch.context_lens, batch.block_tables, 4, 1.0, None)
+    with pytest.raises(ValueError, match=r"q must be a float32 CPU tensor, not torch.float64"):
+        cpu.paged_attention(q.double(), *cache, *args)
+    with pytest.raises(ValueError, match=r"q must be \[T, 4, 16\] with packed heads"):
+        cpu.paged_attention(q.transpose(1, 2).contiguous().transpose(1, 2), *cache, *args)
+    with pytest.raises(ValueError, match="block_tables must be contiguous int64"):
+        cpu.paged_attention(q, *cache, *args[:2], batch.block_tables.int(), *args[3:])
+
+
+def spec(**changes) -> AttentionSpec:
+    base = dict(num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    return AttentionSpec(
+        **{**base, "device": torch.device("cpu"), "sliding_window": None, **changes}
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (dict(device=torch.device("meta")), "runs on the CPU, not on device 'meta'"),
+        (dict(dtype=torch.bfloat16), "computes in float32; the model's dtype is torch.bfloat16"),
+        (dict(num_heads=6, num_kv_heads=4), "cannot group 6 query heads over 4 KV heads"),
+        (dict(num_heads=130, num_kv_heads=2), "cannot group 130 query heads over 2"),
+    ],
+)
+def test_check_says_why_it_cannot_run(changes, reason):
+    attn = registry.build("attention", {"name": "cpu"})
+    attn.check(spec())
+    with pytest.raises(ValueError, match=reason):
+        attn.check(spec(**changes))
+
+
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("MODGEN_CACHE_DIR", str(tmp_path))
+    cpu.load.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'no-such-compiler' was not found"):
+            registry.build("attention", {"name": "cpu"}).check(spec())
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_kernel_is_built_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODGEN_CACHE_DIR", str(tmp_path))
+    cpu.load.cache_clear()
+    try:
+        cpu.load(24)
+        built = list(tmp_path.glob("cpu_attention_d24_*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        cpu.load.cache_clear()
+        assert cpu.load(24).modgen_head_dim() == 24
+        assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_auto_chooses_cpu_and_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    auto = registry.build("attention", {"name": "auto"})
+    auto.check(spec())
+    assert auto.chosen.registry_name == "cpu" and auto.fuses_rope
+    with caplog.at_level(logging.INFO, logger="modgen.plugins.attention.auto"):
+        auto.check(spec(dtype=torch.bfloat16))
+    assert auto.chosen.registry_name == "torch" and not auto.fuses_rope
+    assert "chose torch; not cpu: attention=cpu computes in float32" in caplog.text
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("MODGEN_CACHE_DIR", str(tmp_path))
+    cpu.load.cache_clear()
+    try:
+        auto.check(spec())
+        assert auto.chosen.registry_name == "torch"
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_default_attention_is_auto_and_runs_the_kernel(checkpoints):
+    llm = LLM("mistral", checkpoint=str(checkpoints["mistral"]))
+    attn = llm.engine.executor.attn
+    assert attn.registry_name == "auto" and attn.chosen.registry_name == "cpu"
+
+
+@pytest.mark.parametrize("attention", ["cpu", "torch"])
+@pytest.mark.parametrize("schedule", SCHEDULES[1:4], ids=["sf33", "sf1000", "continuous"])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_each_backend_matches_transformers(
+    kind, schedule, attention, checkpoints, prompts, hf_reference
+):
+    """The default grid (test_e2e_hf) runs attention=auto, i.e. the kernel; each backend named
+    explicitly also matches, the torch reference included."""
+    llm = LLM(
+        kind,
+        checkpoint=str(checkpoints[kind]),
+        overrides=[*schedule, f"attention={attention}", "kv_allocator.block_size=5"],
+    )
+    assert llm.engine.executor.attn.registry_name == attention
+    logits = capture_first_logits(llm)
+    outs = llm.generate(prompts, GREEDY)
+    for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
+        assert out.token_ids == ref_tokens, f"prompt {i} (len {len(prompts[i])}) diverged"
+        torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
