@@ -1,5 +1,5 @@
-"""The CPU paged-attention kernel (``cpu_attention.cpp``): built with the machine's C++ compiler
-on first use, cached, and called through ctypes.
+"""The CPU kernels (``cpu_kernels.cpp``: paged attention, fused RMSNorm and SwiGLU): built with
+the machine's C++ compiler on first use, cached, and called through ctypes.
 
 The build takes about half a second and needs no torch headers: the kernel takes raw pointers.
 It is compiled for the head dim it will serve (``-DHEAD_DIM``) and for the building machine
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -49,7 +49,7 @@ def compiler() -> str:
 
 
 class _Call(ctypes.Structure):
-    """Mirror of ``ModgenAttentionCall`` in cpu_attention.cpp."""
+    """Mirror of ``ModgenAttentionCall`` in cpu_kernels.cpp."""
 
     _fields_ = [
         *[(n, ctypes.c_void_p) for n in ("q", "k", "v", "cos", "sin", "slot_mapping")],
@@ -71,7 +71,7 @@ def load(head_dim: int) -> ctypes.CDLL:
     key = hashlib.sha256(
         source + " ".join([cxx, *flags, platform.machine(), platform.node()]).encode()
     ).hexdigest()[:16]
-    lib_path = cache_dir() / f"cpu_attention_d{head_dim}_{key}.so"
+    lib_path = cache_dir() / f"cpu_kernels_d{head_dim}_{key}.so"
     if not lib_path.exists():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
@@ -87,6 +87,12 @@ def load(head_dim: int) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     lib.modgen_attention_f32.restype = ctypes.c_int
     lib.modgen_attention_f32.argtypes = [ctypes.POINTER(_Call)]
+    lib.modgen_rms_norm_f32.restype = None
+    lib.modgen_rms_norm_f32.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    )
+    lib.modgen_silu_mul_f32.restype = None
+    lib.modgen_silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     return lib
 
 
@@ -155,4 +161,43 @@ def paged_attention(
     call.window, call.scale = sliding_window or 0, scale
     if load(d).modgen_attention_f32(ctypes.byref(call)) != 0:
         raise ValueError(f"{hq} query heads over {hkv} KV heads: groups over 64 are not supported")
+    return out
+
+
+def _plain(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor")
+
+
+def rms_norm(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,  # [rows, cols]
+    weight: torch.Tensor,  # [cols]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [rows, cols]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * rms_normalised(h), h)`` with ``h = x + residual`` (or ``x``), in one pass."""
+    for name, t in [("x", x), ("weight", weight)] + ([] if residual is None else [("r", residual)]):
+        _plain(name, t)
+    out = torch.empty_like(x)
+    h = x if residual is None else torch.empty_like(x)
+    lib.modgen_rms_norm_f32(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        None if residual is None else h.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        eps,
+    )
+    return out, h
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a packed ``[rows, 2 * inter]`` projection, in one pass."""
+    _plain("gate_up", gate_up)
+    rows, width = gate_up.shape
+    out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
+    lib.modgen_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
     return out

@@ -28,6 +28,10 @@ class ModelConfig:
     """Weights and activations: float32, bfloat16, float16, or auto (the checkpoint's)."""
     seed: int = 0
     """Seed of the random weights when no checkpoint is given."""
+    cpu_kernels: bool = True
+    """On the CPU in float32, run the element-wise ops a model declares fused (RMSNorm with its
+    residual add, SwiGLU) through modgen's C++ kernels, built with g++ on first use; false, or no
+    compiler (logged), keeps plain torch."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):

@@ -117,7 +117,7 @@ def test_kernel_is_built_once_and_cached(monkeypatch, tmp_path):
     cpu.load.cache_clear()
     try:
         cpu.load(24)
-        built = list(tmp_path.glob("cpu_attention_d24_*.so"))
+        built = list(tmp_path.glob("cpu_kernels_d24_*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         cpu.load.cache_clear()
@@ -151,19 +151,56 @@ def test_default_attention_is_auto_and_runs_the_kernel(checkpoints):
     assert attn.registry_name == "auto" and attn.chosen.registry_name == "cpu"
 
 
+def test_fused_rms_norm_and_swiglu_match_torch():
+    from modgen.plugins.models.llama import rms_norm
+
+    lib = cpu.load(64)
+    gen = torch.Generator().manual_seed(4)
+    x, res = torch.randn(2, 37, 100, generator=gen)  # 100 columns: a vector tail too
+    w = torch.randn(100, generator=gen)
+    out, h = cpu.rms_norm(lib, x, w, 1e-5)
+    torch.testing.assert_close(out, rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    assert h is x
+    out, h = cpu.rms_norm(lib, x, w, 1e-5, residual=res)
+    torch.testing.assert_close(h, x + res)
+    torch.testing.assert_close(out, rms_norm(x + res, w, 1e-5), rtol=1e-5, atol=1e-5)
+    gate_up = torch.randn(37, 2 * 70, generator=gen) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(
+        cpu.silu_mul(lib, gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="gate_up must be a contiguous float32 CPU tensor"):
+        cpu.silu_mul(lib, gate_up.double())
+
+
+def test_model_uses_fused_ops_only_where_asked_and_able(checkpoints):
+    path = str(checkpoints["llama"])
+    assert LLM("llama", checkpoint=path).engine.model.ops is not None
+    assert (
+        LLM("llama", checkpoint=path, overrides=["model.cpu_kernels=false"]).engine.model.ops
+        is None
+    )
+    assert (
+        LLM("llama", checkpoint=path, overrides=["model.dtype=bfloat16"]).engine.model.ops is None
+    )
+
+
 @pytest.mark.parametrize("attention", ["cpu", "torch"])
 @pytest.mark.parametrize("schedule", SCHEDULES[1:4], ids=["sf33", "sf1000", "continuous"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_each_backend_matches_transformers(
     kind, schedule, attention, checkpoints, prompts, hf_reference
 ):
-    """The default grid (test_e2e_hf) runs attention=auto, i.e. the kernel; each backend named
-    explicitly also matches, the torch reference included."""
+    """The default grid (test_e2e_hf) runs attention=auto and the fused ops, i.e. the C++
+    kernels; each backend named explicitly also matches, and the torch reference runs with plain
+    torch ops throughout."""
+    plain = ["model.cpu_kernels=false"] if attention == "torch" else []
     llm = LLM(
         kind,
         checkpoint=str(checkpoints[kind]),
-        overrides=[*schedule, f"attention={attention}", "kv_allocator.block_size=5"],
+        overrides=[*schedule, f"attention={attention}", "kv_allocator.block_size=5", *plain],
     )
+    assert (llm.engine.model.ops is None) == (attention == "torch")
     assert llm.engine.executor.attn.registry_name == attention
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)

@@ -42,6 +42,11 @@ WORKLOADS = {
     ],
 }
 SCHEDULERS = ("splitfuse", "continuous")
+SERVED = {  # served runs: SplitFuse at its default budget (512) and at 256 (lower token latency)
+    "splitfuse": ["+scheduler=splitfuse"],
+    "splitfuse-256": ["+scheduler=splitfuse", "scheduler.token_budget=256"],
+    "continuous": ["+scheduler=continuous"],
+}
 PORT = 8765
 
 
@@ -169,14 +174,14 @@ def main() -> None:
                 ]
             )
     if "served" not in a.skip and "modgen" not in a.skip:
-        for sched in SCHEDULERS:
+        for name, sched in SERVED.items():
             modgen(
                 "task=bench",
                 "task.clients=16",
-                f"+scheduler={sched}",
+                *sched,
                 *base,
                 *WORKLOADS["long"],
-                f"hydra.run.dir={out / 'served-long' / f'modgen-{sched}'}",
+                f"hydra.run.dir={out / 'served-long' / f'modgen-{name}'}",
             )
     if "vllm" not in a.skip:
         proc = start_vllm(setup_vllm(), ckpt, out / "vllm.log")

@@ -18,7 +18,7 @@ class CpuAttention(AttentionBackend):
     block table with no gathered copy and no mask tensor. Each tile of queries walks only the
     keys it can see (causal, sliding window) with an online softmax; prompt tiles vectorise over
     query rows, decode tiles over the head dim, and tiles run in parallel on torch's OpenMP
-    threads. See ``modgen/kernels/cpu_attention.cpp``."""
+    threads. See ``modgen/kernels/cpu_kernels.cpp``."""
 
     @dataclass(kw_only=True)
     class Config(AttentionConfig):

@@ -14,6 +14,7 @@ from torch import nn
 
 from modgen.attention import AttentionBackend
 from modgen.batch import RaggedBatch
+from modgen.kernels import cpu as cpu_kernels
 from modgen.model import CausalLM, ModelConfig, read_hf_config, resolve_dtype
 from modgen.registry import register
 from modgen.weights import WeightRule, load_weights
@@ -151,9 +152,13 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(s.hidden_size, 2 * s.intermediate_size, bias=s.mlp_bias)
         self.down = nn.Linear(s.intermediate_size, s.hidden_size, bias=s.mlp_bias)
 
-    def forward(self, h, cos, sin, kv_cache, batch, attn, meta):  # h: [T, hidden]
+    def forward(self, h, cos, sin, kv_cache, batch, attn, meta, ops=None):  # h: [T, hidden]
+        """``ops``: the C++ kernel library for fused RMSNorm and SwiGLU, or None for torch."""
         s, d = self.s, self.head_dim
-        x = rms_norm(h, self.input_norm, s.rms_norm_eps)
+        if ops is None:
+            x = rms_norm(h, self.input_norm, s.rms_norm_eps)
+        else:
+            x, _ = cpu_kernels.rms_norm(ops, h, self.input_norm, s.rms_norm_eps)
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, s.num_attention_heads, d)
         k = k.view(-1, s.num_key_value_heads, d)
@@ -163,9 +168,13 @@ class DecoderLayer(nn.Module):
         else:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             o = attn.forward(q, k, v, kv_cache, batch, meta, d**-0.5, self.window)
-        h = h + self.o_proj(o.reshape(-1, self.q_size))
-        gate, up = self.gate_up(rms_norm(h, self.post_norm, s.rms_norm_eps)).chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up)
+        y = self.o_proj(o.reshape(-1, self.q_size))
+        if ops is None:
+            h = h + y
+            gate, up = self.gate_up(rms_norm(h, self.post_norm, s.rms_norm_eps)).chunk(2, dim=-1)
+            return h + self.down(F.silu(gate) * up)
+        x, h = cpu_kernels.rms_norm(ops, y, self.post_norm, s.rms_norm_eps, residual=h)
+        return h + self.down(cpu_kernels.silu_mul(ops, self.gate_up(x)))
 
 
 @register("model", "llama")
@@ -215,7 +224,20 @@ class LlamaForCausalLM(CausalLM):
             self.init_random(config.seed)
         self.to(device=device, dtype=self.dtype)
         self.inv_freq = inv_freq.to(device)  # float32 whatever the model's dtype
+        self.ops = self._cpu_kernels(config)
         self.eval()
+
+    def _cpu_kernels(self, config: LlamaShape) -> Any:
+        """The fused C++ kernels when ``model.cpu_kernels`` asks and this device and dtype can
+        use them; None (plain torch) otherwise."""
+        on_cpu = torch.device(self.device).type == "cpu"
+        if not config.cpu_kernels or not on_cpu or self.dtype != torch.float32:
+            return None
+        try:
+            return cpu_kernels.load(self.head_dim)
+        except cpu_kernels.KernelBuildError as err:
+            log.info("model.cpu_kernels: falling back to torch ops: %s", err)
+            return None
 
     def window_of(self, s: LlamaShape) -> int | None:
         """Llama ignores ``sliding_window``; Mistral honours it."""
@@ -258,7 +280,7 @@ class LlamaForCausalLM(CausalLM):
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         h = self.embed(batch.input_ids)  # [T, hidden]
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, cache, batch, attn, attn_meta)
+            h = layer(h, cos, sin, cache, batch, attn, attn_meta, self.ops)
         h = rms_norm(h[batch.logits_indices], self.norm, self.shape.rms_norm_eps)
         return self.lm_head(h)  # [R, vocab]
 

@@ -1,4 +1,7 @@
-// Paged attention for the CPU, float32: one call attends every query of a ragged batch (prompt
+// CPU kernels, float32: paged attention, and the fused element-wise ops around it (RMSNorm with
+// its residual add, SwiGLU's silu(gate) * up).
+//
+// Paged attention: one call attends every query of a ragged batch (prompt
 // chunks and decodes) to its sequence's keys and values, read straight out of the paged cache
 // through the block table. No gathered copy of the context, no mask tensor, no work on masked
 // tiles: each query tile walks only the keys it can see, in tiles of KT keys, with an online
@@ -149,6 +152,19 @@ inline void write_kv(const Args &a, int64_t t) {
   }
 }
 
+// Where the keys and values of positions p0 .. p0 + KT - 1 (head `head`) sit in the cache, found
+// through the block table; positions past the nk real ones repeat the last (they are masked).
+inline void key_tile(const Args &a, const int64_t *table, int64_t head, int64_t p0, int nk,
+                     const float **kp, const float **vp) {
+  for (int j = 0; j < KT; ++j) {
+    const int64_t pos = p0 + (j < nk ? j : nk - 1);
+    const int64_t slot = table[pos / a.block_size] * a.block_size + pos % a.block_size;
+    const int64_t off = (slot * a.hkv + head) * HEAD_DIM;
+    kp[j] = a.k_cache + off;
+    vp[j] = a.v_cache + off;
+  }
+}
+
 // A vector of HEAD_DIM's c-th KT floats from src (which need not be aligned); a head dim that is
 // not a whole number of vectors is zero-padded.
 inline vf load_chunk(const float *src, int c) {
@@ -236,13 +252,7 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
   const float *vp[KT];
   for (int64_t p0 = lo; p0 < hi; p0 += KT) {
     const int nk = hi - p0 < KT ? static_cast<int>(hi - p0) : KT;
-    for (int j = 0; j < KT; ++j) {
-      const int64_t pos = p0 + (j < nk ? j : nk - 1);  // keys past the end repeat the last one
-      const int64_t slot = table[pos / a.block_size] * a.block_size + pos % a.block_size;
-      const int64_t off = (slot * a.hkv + it.head) * HEAD_DIM;
-      kp[j] = a.k_cache + off;
-      vp[j] = a.v_cache + off;
-    }
+    key_tile(a, table, it.head, p0, nk, kp, vp);
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
     for (int r = 0; r < rows_pad; ++r) {
       vf t[KT];
@@ -350,13 +360,7 @@ void attend_rows(const Args &a, const Item &it, Scratch &s) {
   const float *vp[KT];
   for (int64_t p0 = lo; p0 < hi; p0 += KT) {
     const int nk = hi - p0 < KT ? static_cast<int>(hi - p0) : KT;
-    for (int j = 0; j < KT; ++j) {
-      const int64_t pos = p0 + (j < nk ? j : nk - 1);  // keys past the end repeat the last one
-      const int64_t slot = table[pos / a.block_size] * a.block_size + pos % a.block_size;
-      const int64_t off = (slot * a.hkv + it.head) * HEAD_DIM;
-      kp[j] = a.k_cache + off;
-      vp[j] = a.v_cache + off;
-    }
+    key_tile(a, table, it.head, p0, nk, kp, vp);
     // scores: 4 keys x RV row vectors at a time
     for (int j0 = 0; j0 < KT; j0 += 4) {
       vf acc[4][RV];
@@ -481,5 +485,57 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
     std::free(s);
   }
   return 0;
+}
+}
+
+// Fused element-wise ops: one pass over memory each instead of torch's four or five; rows in
+// parallel.
+extern "C" {
+
+// out = weight * h / sqrt(mean(h^2) + eps) per row, where h = x + residual (also written to
+// residual_out) when residual is given, else h = x.
+void modgen_rms_norm_f32(const float *x, const float *residual, float *residual_out,
+                         const float *weight, float *out, int64_t rows, int64_t cols, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *h = x + r * cols;
+    if (residual != nullptr) {
+      float *hr = residual_out + r * cols;
+      const float *rr = residual + r * cols;
+      for (int64_t c = 0; c < cols; ++c) hr[c] = h[c] + rr[c];
+      h = hr;
+    }
+    vf sq = vf{};
+    int64_t c = 0;
+    for (; c + KT <= cols; c += KT) {
+      vf v;
+      std::memcpy(&v, h + c, sizeof(v));
+      sq += v * v;
+    }
+    float total = hsum(sq);
+    for (; c < cols; ++c) total += h[c] * h[c];
+    const float inv = 1.0f / std::sqrt(total / static_cast<float>(cols) + eps);
+    float *o = out + r * cols;
+    for (c = 0; c < cols; ++c) o[c] = weight[c] * (h[c] * inv);
+  }
+}
+
+// out[r, :] = silu(gate_up[r, :inter]) * gate_up[r, inter:]
+void modgen_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t inter) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = gate_up + r * 2 * inter;
+    const float *u = g + inter;
+    float *o = out + r * inter;
+    int64_t c = 0;
+    for (; c + KT <= inter; c += KT) {
+      vf gv, uv;
+      std::memcpy(&gv, g + c, sizeof(gv));
+      std::memcpy(&uv, u + c, sizeof(uv));
+      const vf res = gv / (1.0f + vexp(vf{} - gv)) * uv;
+      std::memcpy(o + c, &res, sizeof(res));
+    }
+    for (; c < inter; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+  }
 }
 }
