@@ -207,3 +207,18 @@ def test_each_backend_matches_transformers(
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
         assert out.token_ids == ref_tokens, f"prompt {i} (len {len(prompts[i])}) diverged"
         torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_linear_weights_are_stored_input_major(checkpoints):
+    """Same values, transposed storage (faster CPU GEMMs at small batches); a tied LM head
+    leaves the embedding's rows contiguous."""
+    model = LLM("llama", checkpoint=str(checkpoints["llama"])).engine.model
+    qkv = model.layers[0].qkv.weight
+    assert qkv.stride() == (1, qkv.shape[0]) and qkv.t().is_contiguous()
+    tied = LLM(
+        "llama",
+        overrides=["model.tie_word_embeddings=true", "model.num_hidden_layers=1",
+                   "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=64",
+                   "model.num_attention_heads=4"],
+    ).engine.model  # fmt: skip
+    assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.is_contiguous()

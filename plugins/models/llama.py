@@ -225,7 +225,19 @@ class LlamaForCausalLM(CausalLM):
         self.to(device=device, dtype=self.dtype)
         self.inv_freq = inv_freq.to(device)  # float32 whatever the model's dtype
         self.ops = self._cpu_kernels(config)
+        if torch.device(device).type == "cpu":
+            self._weights_input_major()
         self.eval()
+
+    @torch.no_grad()
+    def _weights_input_major(self) -> None:
+        """Store each linear weight [out, in] as the transpose of a contiguous [in, out] matrix:
+        the same values, but the CPU GEMM then streams the weight without a transposed pass
+        (1.3-2x faster at decode-sized batches, measured in docs/notes.md). A weight shared with
+        the embedding keeps its rows contiguous for the lookup."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight is not self.embed.weight:
+                module.weight.data = module.weight.data.t().contiguous().t()
 
     def _cpu_kernels(self, config: LlamaShape) -> Any:
         """The fused C++ kernels when ``model.cpu_kernels`` asks and this device and dtype can
