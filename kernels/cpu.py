@@ -63,8 +63,9 @@ class _Call(ctypes.Structure):
 
 
 @cache
-def load(head_dim: int) -> ctypes.CDLL:
-    """The kernel library for ``head_dim``, built if it is not cached yet."""
+def load(head_dim: int = 64) -> ctypes.CDLL:
+    """The kernel library for ``head_dim``, built if it is not cached yet (the element-wise
+    kernels work whatever head dim the library was built for)."""
     cxx = compiler()
     source = SOURCE.read_bytes()
     flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
@@ -91,6 +92,8 @@ def load(head_dim: int) -> ctypes.CDLL:
     lib.modgen_rms_norm_f32.argtypes = (
         [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     )
+    lib.modgen_argmax_f32.restype = None
+    lib.modgen_argmax_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.modgen_silu_mul_f32.restype = None
     lib.modgen_silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     return lib
@@ -200,4 +203,13 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape
     out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
     lib.modgen_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+    return out
+
+
+def argmax(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of a [rows, cols] float32 tensor (first index on ties), a few times faster
+    than torch's on the CPU."""
+    _plain("x", x)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.modgen_argmax_f32(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
     return out

@@ -565,3 +565,23 @@ void modgen_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t
   }
 }
 }
+
+// Greedy sampling: the index of each row's largest value (the first, on ties, as torch.argmax).
+extern "C" void modgen_argmax_f32(const float *x, int64_t *out, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *row = x + r * cols;
+    vf best = vf{} - std::numeric_limits<float>::infinity();
+    int64_t c = 0;
+    for (; c + KT <= cols; c += KT) {
+      vf v;
+      std::memcpy(&v, row + c, sizeof(v));
+      best = v > best ? v : best;
+    }
+    float m = hmax(best);
+    for (; c < cols; ++c) m = row[c] > m ? row[c] : m;
+    int64_t idx = 0;
+    while (idx < cols && !(row[idx] >= m)) ++idx;
+    out[r] = idx < cols ? idx : 0;
+  }
+}

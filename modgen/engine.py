@@ -54,7 +54,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.model, self.kv, self.scheduler, self.executor = model, kv, scheduler, executor
         self.tokenizer = tokenizer
-        self.sampler = Sampler(self.config.seed)
+        on_cpu = torch.device(model.device).type == "cpu"
+        self.sampler = Sampler(self.config.seed, cpu_kernels=on_cpu and model.config.cpu_kernels)
         self.max_model_len = min(
             self.config.max_model_len or model.max_position_embeddings,
             model.max_position_embeddings,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from modgen.sequence import Sequence
@@ -12,9 +14,26 @@ class Sampler:
     with the request's own generator (seeded requests), so a seed gives the same tokens whatever
     else is in the batch."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, cpu_kernels: bool = False) -> None:
+        """``cpu_kernels``: take float32 CPU arg-maxes with modgen's C++ kernel (falls back to
+        torch where it cannot be built)."""
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
+        self._kernels: Any = None
+        if cpu_kernels:
+            from modgen.kernels import cpu
+
+            try:
+                self._kernels = cpu.load()
+            except cpu.KernelBuildError:
+                self._kernels = None
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and logits.device.type == "cpu" and logits.is_contiguous():
+            from modgen.kernels import cpu
+
+            return cpu.argmax(self._kernels, logits)
+        return logits.argmax(dim=-1)
 
     def forget(self, seq: Sequence) -> None:
         """Drop a finished request's generator."""
@@ -37,7 +56,7 @@ class Sampler:
         for r, ids in enumerate(banned):
             if ids:
                 logits[r, ids] = float("-inf")
-        out = logits.argmax(dim=-1)  # [R]
+        out = self._argmax(logits)  # [R]
         rows = [r for r, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             picked = self._sample_rows(logits[rows], [seqs[r] for r in rows])

@@ -173,6 +173,19 @@ def test_fused_rms_norm_and_swiglu_match_torch():
         cpu.silu_mul(lib, gate_up.double())
 
 
+def test_argmax_kernel_matches_torch_and_takes_the_first_tie():
+    lib = cpu.load()
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(33, 32000), (3, 17), (1, 96)]:
+        x = torch.randn(*shape, generator=gen)
+        assert torch.equal(cpu.argmax(lib, x), x.argmax(-1))
+    ties = torch.zeros(3, 40)
+    ties[:, [5, 30]] = 1.0
+    ties[1, 39] = 2.0
+    ties[2] = float("-inf")
+    assert cpu.argmax(lib, ties).tolist() == ties.argmax(-1).tolist() == [5, 39, 0]
+
+
 def test_model_uses_fused_ops_only_where_asked_and_able(checkpoints):
     path = str(checkpoints["llama"])
     assert LLM("llama", checkpoint=path).engine.model.ops is not None
