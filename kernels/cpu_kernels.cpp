@@ -156,12 +156,15 @@ inline void write_kv(const Args &a, int64_t t) {
 // through the block table; positions past the nk real ones repeat the last (they are masked).
 inline void key_tile(const Args &a, const int64_t *table, int64_t head, int64_t p0, int nk,
                      const float **kp, const float **vp) {
+  int64_t block = p0 / a.block_size, offset = p0 % a.block_size;  // one division per tile
   for (int j = 0; j < KT; ++j) {
-    const int64_t pos = p0 + (j < nk ? j : nk - 1);
-    const int64_t slot = table[pos / a.block_size] * a.block_size + pos % a.block_size;
-    const int64_t off = (slot * a.hkv + head) * HEAD_DIM;
+    const int64_t off = ((table[block] * a.block_size + offset) * a.hkv + head) * HEAD_DIM;
     kp[j] = a.k_cache + off;
     vp[j] = a.v_cache + off;
+    if (j + 1 < nk && ++offset == a.block_size) {  // past the end: repeat the last key
+      offset = 0;
+      ++block;
+    }
   }
 }
 
@@ -180,9 +183,13 @@ inline void prefetch(const float *p) {
 inline void prefetch_tile(const Args &a, const int64_t *table, int64_t head, int64_t nh,
                           int64_t p0, int64_t hi) {
   constexpr int64_t LINE = 64 / sizeof(float);
+  int64_t block = p0 / a.block_size, offset = p0 % a.block_size;
   for (int64_t pos = p0; pos < p0 + KT && pos < hi; ++pos) {
-    const int64_t slot = table[pos / a.block_size] * a.block_size + pos % a.block_size;
-    const int64_t off = (slot * a.hkv + head) * HEAD_DIM;
+    const int64_t off = ((table[block] * a.block_size + offset) * a.hkv + head) * HEAD_DIM;
+    if (++offset == a.block_size) {
+      offset = 0;
+      ++block;
+    }
     for (int64_t x = 0; x < nh * HEAD_DIM; x += LINE) {
       prefetch(a.k_cache + off + x);
       prefetch(a.v_cache + off + x);
