@@ -492,12 +492,15 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
   if (g > MAX_ROWS) return 1;
   const int32_t tq = static_cast<int32_t>(MAX_ROWS / g);  // queries per tile
   std::vector<Item> items;
+  // few-row tiles take every KV head of their sequence (whole cache rows), unless there are too
+  // few sequences to keep every thread busy
+  const bool merge_heads = a.num_seqs >= 2 * omp_get_max_threads();
   // longest sequences' tiles first: prompt chunks come after decodes in a batch
   for (int64_t b = a.num_seqs - 1; b >= 0; --b) {
     const int64_t qlen = a.query_start[b + 1] - a.query_start[b];
     for (int32_t q0 = 0; q0 < qlen; q0 += tq) {
       const int32_t nq = qlen - q0 < tq ? static_cast<int32_t>(qlen - q0) : tq;
-      if (nq * a.hq < KT) {  // few rows: one tile takes every head, reading whole cache rows
+      if (merge_heads && nq * a.hq < KT) {
         items.push_back({static_cast<int32_t>(b), 0, q0, nq, static_cast<int32_t>(a.hkv)});
       } else {
         for (int32_t h = 0; h < a.hkv; ++h)

@@ -39,6 +39,12 @@ class StepStats:
     duration: float
 
 
+def describe_attention(attn: Any) -> str:
+    """The backend's name, with the one ``attention=auto`` chose."""
+    chosen = getattr(attn, "chosen", None)
+    return attn.registry_name + (f" ({chosen.registry_name})" if chosen is not None else "")
+
+
 class Engine:
     """Continuous-batching engine. Knows no policy: the scheduler decides each step."""
 
@@ -89,7 +95,7 @@ class Engine:
         log.info(
             "engine: model=%s scheduler=%s kv=%s (%d blocks of %d) attention=%s device=%s",
             model.registry_name, scheduler.registry_name, kv.registry_name, kv.num_blocks,
-            kv.block_size, attn.registry_name, device,
+            kv.block_size, describe_attention(attn), device,
         )  # fmt: skip
         return cls(model, kv, scheduler, executor, tokenizer, engine_cfg)
 

@@ -31,11 +31,18 @@ def qkv_rope(num_tokens: int, hq: int, hkv: int, d: int, seed: int = 0):
     return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d), (angle.cos(), angle.sin())
 
 
+LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV head
+    "many": (Q_LENS, CTX_LENS),
+    "few": ([1, 2], [45, 30]),
+}
+
+
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 16), (8, 2, 64), (6, 6, 40), (16, 1, 32)])
 @pytest.mark.parametrize("window", [None, 8])
-def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window):
-    batch, num_slots = random_batch(Q_LENS, CTX_LENS, block_size, seed=1)
+@pytest.mark.parametrize("lens", LENS)
+def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens):
+    batch, num_slots = random_batch(*LENS[lens], block_size, seed=1)
     q, k, v, rope = qkv_rope(batch.num_tokens, hq, hkv, d)
     gen = torch.Generator().manual_seed(2)
     cache = [torch.randn(num_slots, hkv, d, generator=gen) for _ in range(2)]
