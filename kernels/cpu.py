@@ -42,8 +42,8 @@ def compiler() -> str:
     path = shutil.which(cxx)
     if path is None:
         raise KernelBuildError(
-            f"attention=cpu builds its kernel with a C++ compiler and {cxx!r} was not found "
-            "(install g++ or set CXX), or use attention=torch"
+            f"modgen's CPU kernels are built with a C++ compiler and {cxx!r} was not found "
+            "(install g++ or set CXX); attention=torch and model.cpu_kernels=false need none"
         )
     return path
 
@@ -180,7 +180,9 @@ def rms_norm(
     residual: torch.Tensor | None = None,  # [rows, cols]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight * rms_normalised(h), h)`` with ``h = x + residual`` (or ``x``), in one pass."""
-    for name, t in [("x", x), ("weight", weight)] + ([] if residual is None else [("r", residual)]):
+    for name, t in [("x", x), ("weight", weight)] + (
+        [] if residual is None else [("residual", residual)]
+    ):
         _plain(name, t)
     out = torch.empty_like(x)
     h = x if residual is None else torch.empty_like(x)

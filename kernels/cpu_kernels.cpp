@@ -1,21 +1,20 @@
-// CPU kernels, float32: paged attention, and the fused element-wise ops around it (RMSNorm with
-// its residual add, SwiGLU's silu(gate) * up).
+// CPU kernels, float32: paged attention, and the ops around it that torch would run in several
+// passes (RMSNorm with its residual add, SwiGLU's silu(gate) * up, the greedy arg-max).
 //
-// Paged attention: one call attends every query of a ragged batch (prompt
-// chunks and decodes) to its sequence's keys and values, read straight out of the paged cache
-// through the block table. No gathered copy of the context, no mask tensor, no work on masked
-// tiles: each query tile walks only the keys it can see, in tiles of KT keys, with an online
-// softmax.
+// Paged attention: one call per layer attends every query of a ragged batch (prompt chunks and
+// decodes) to its sequence's keys and values, read straight out of the paged cache through the
+// block table. No gathered copy of the context, no mask tensor, no work on masked tiles: each
+// query tile walks only the keys it can see, in tiles of KT keys, with an online softmax. First
+// this step's keys and values are written into their cache slots (keys rotated by RoPE when
+// rotary tables are given); then the tiles run in parallel on OpenMP threads (torch's: the
+// runtime is shared). Tiles with many query rows (prompt chunks) vectorise scores over rows;
+// tiles with few (decodes; every KV head of a sequence in one tile when there are enough
+// sequences to fill the threads) take dot products over the head dim. Layouts: see
+// ModgenAttentionCall.
 //
 // Built at run time by modgen/kernels/cpu.py with -DHEAD_DIM=<d> (and -march=native), loaded
 // through ctypes. Vectors are GCC vector extensions, so the same source becomes AVX-512, AVX2 or
 // NEON code on whatever machine builds it.
-//
-// One call per layer: first this step's keys and values are written into their cache slots (keys
-// rotated by RoPE when rotary tables are given), then every query tile is attended, in parallel
-// on OpenMP threads (torch's, as the runtime is shared). Tiles with many query rows (prompt
-// chunks) vectorise scores over rows; tiles with few (decodes, every KV head in one tile) take
-// dot products over the head dim. Layouts: see ModgenAttentionCall.
 
 #include <omp.h>
 
@@ -91,8 +90,8 @@ struct Scratch {
   // prompt path (many rows): scores vectorised over query rows
   vf qt[HEAD_DIM][RV_MAX];  // query tile, transposed: qt[d][row vector]
   vf p[KT][RV_MAX];         // scores, then probabilities: p[key][row vector]
-  float alpha[MAX_ROWS];
   // both
+  float alpha[MAX_ROWS];  // per row: how much a key tile rescales the accumulated output
   vf acc[MAX_ROWS][DC];
 };
 
