@@ -125,11 +125,9 @@ def table(out: Path) -> str:
         ("output_throughput", "gen tok/s", "{:.0f}"),
         ("total_token_throughput", "tok/s", "{:.0f}"),
         ("roofline_efficiency", "x roofline", "{:.2f}"),
-        ("ttft_p50_s", "TTFT p50", "{:.2f}"),
-        ("ttft_p95_s", "TTFT p95", "{:.2f}"),
-        ("tpot_p50_s", "TPOT p50", "{:.3f}"),
-        ("itl_p95_s", "ITL p95", "{:.3f}"),
-        ("itl_p99_s", "ITL p99", "{:.3f}"),
+        *[(f"ttft_{p}_s", f"TTFT {p}", "{:.2f}") for p in ("p50", "p95", "p99")],
+        *[(f"tpot_{p}_s", f"TPOT {p}", "{:.3f}") for p in ("p50", "p95", "p99")],
+        *[(f"itl_{p}_s", f"ITL {p}", "{:.3f}") for p in ("p50", "p95", "p99")],
         ("effective_throughput", "eff req/s", "{:.2f}"),
     ]
     lines = ["| run | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -147,8 +145,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("results/peers"))
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--skip", nargs="*", default=[], choices=["modgen", "vllm", "hf", "served"])
+    p.add_argument("--table", action="store_true", help="only print the table of an earlier --out")
     a = p.parse_args()
     out = a.out.resolve()
+    if a.table:
+        print(table(out))
+        return
     sh([sys.executable, str(HERE / "make_checkpoint.py"), str(out / "ckpt")])
     ckpt = out / "ckpt"
     base = ["model=mistral", f"model.checkpoint={ckpt}"]
