@@ -48,6 +48,9 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         - {k for k in _common(runs)}
     )  # fmt: skip
     for r in runs:
+        if not r["dir"].name.isdigit():  # a named run (not a sweep's numbered job): its name
+            r["label"] = r["group"] = r["dir"].name
+            continue
         r["label"] = " ".join(f"{k}={r['overrides'].get(k)}" for k in varying) or r["dir"].name
         r["group"] = " ".join(
             f"{k}={r['overrides'].get(k)}" for k in varying if k not in LOAD_KEYS
@@ -127,8 +130,8 @@ def plot_all(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             xs = sorted(_values(r["requests"], key))
             if xs:
                 ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r["label"])
-        ax.set(xlabel=f"{title} (s)", ylabel="fraction of " + ("requests" if metric == "ttft"
-               else "tokens"), title=f"{title} CDF")  # fmt: skip
+        ax.set(xlabel=f"{title} (s, log scale)", ylabel="fraction of " + ("requests"
+               if metric == "ttft" else "tokens"), title=f"{title} CDF", xscale="log")  # fmt: skip
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / f"{metric}_cdf.png"))
