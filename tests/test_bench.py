@@ -219,3 +219,19 @@ def test_tiny_bench_multirun_writes_comparison_and_plots(tmp_path):
         [sys.executable, "-m", "modgen.report", str(tmp_path)], capture_output=True, text=True
     )
     assert res.returncode == 0 and "comparison.csv" in res.stdout
+
+
+def test_named_runs_are_labelled_by_directory(tmp_path):
+    """Runs side by side under names (as experiments/peers/run.py writes them) are labelled by
+    their directory, whatever their overrides; a sweep's numbered jobs by what varies."""
+    from modgen.report import load_runs
+
+    for name, sched in [("vllm-cpu", "x"), ("modgen-splitfuse", "splitfuse"), ("0", "a")]:
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- +scheduler={sched}\n- task.clients=4\n")
+        (run / "results.json").write_text('{"summary": {"scheduler": "s"}, "requests": []}')
+    labels = {r["dir"].name: (r["label"], r["group"]) for r in load_runs(tmp_path)}
+    assert labels["vllm-cpu"] == ("vllm-cpu", "vllm-cpu")
+    assert labels["modgen-splitfuse"] == ("modgen-splitfuse", "modgen-splitfuse")
+    assert labels["0"] == ("scheduler=a", "scheduler=a")
