@@ -262,7 +262,7 @@ class Engine:
         p = seq.params
         if token in self._stop_ids(seq):
             return FinishReason.STOP
-        if p.stop and seq.num_output_tokens >= p.min_tokens:
+        if p.stop and seq.num_output_tokens >= p.min_tokens and self._stop_may_end(seq):
             text = self._detokenize(seq.output_token_ids)
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
@@ -271,6 +271,18 @@ class Engine:
         if seq.num_tokens >= seq.max_total_tokens:
             return FinishReason.LENGTH
         return None
+
+    def _stop_may_end(self, seq: Sequence) -> bool:
+        """Whether a stop string may now be in the output: decodes only the last few tokens (a
+        new match must end in the newest one), so a long generation is not re-decoded whole at
+        every step. The first steps after ``min_tokens`` (when an earlier match starts to count)
+        look at the whole output."""
+        stops = seq.params.stop
+        window = 2 * max(len(s) for s in stops) + 8  # tokens: room for byte pieces and joins
+        if seq.num_output_tokens - seq.params.min_tokens <= window:
+            return True
+        tail = self._detokenize(seq.token_ids[-window:])
+        return any(s in tail for s in stops)
 
     def _detokenize(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

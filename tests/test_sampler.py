@@ -131,3 +131,30 @@ def test_stop_strings_cut_the_text(llm, prompts):
     assert words[2] not in out.text.split()
     assert out.text.split() == words[: words.index(words[2])]
     assert not math.isnan(out.metrics.ttft)
+
+
+def test_stop_strings_decode_a_tail_not_the_whole_output(llm, prompts):
+    """A long generation with a stop string is not re-decoded whole at every step: past the first
+    steps only a window of tokens is decoded, and a match in it still stops the request."""
+    tok = llm.engine.tokenizer
+    decode, lengths = tok.decode, []
+
+    def spy(ids, **kw):
+        lengths.append(len(ids))
+        return decode(ids, **kw)
+
+    tok.decode = spy
+    try:
+        params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, stop=["never"])
+        out = llm.generate([prompts[4]], params)[0]
+        assert out.finish_reason == "length" and len(out.token_ids) == 60
+        window = 2 * len("never") + 8
+        assert sum(n > window + 1 for n in lengths) == 1  # the final text, once
+        full = out.text.split()
+        lengths.clear()
+        params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, stop=[full[40]])
+        stopped = llm.generate([prompts[4]], params)[0]
+    finally:
+        tok.decode = decode
+    assert stopped.finish_reason == "stop"
+    assert stopped.text.split() == full[: full.index(full[40])]
