@@ -1,4 +1,5 @@
-"""Triton kernels, each with the plain-torch reference it is checked against.
+"""Kernels, each with the plain-torch reference it is checked against: Triton kernels (GPU, or
+Triton's CPU interpreter) and the CPU's C++ kernels (``cpu.py``, ``cpu_kernels.cpp``).
 
 Importing this package does not import Triton; each kernel module does. Kernels are created when
 their module is imported, so ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tests) must be

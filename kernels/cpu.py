@@ -123,7 +123,6 @@ def paged_attention(
     sliding_window: int | None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query in a ragged batch over its sequence's paged K/V (causal, and
     windowed when ``sliding_window`` is set).
@@ -155,7 +154,7 @@ def paged_attention(
         if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
             raise ValueError("rope tables must be contiguous float32 [T, D]")
         call.cos, call.sin = cos.data_ptr(), sin.data_ptr()
-    out = torch.empty((num_tokens, hq, d), dtype=q.dtype) if out is None else out
+    out = torch.empty((num_tokens, hq, d), dtype=q.dtype)
     call.k_cache, call.v_cache, call.out = k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
     call.query_start, call.context_lens = query_start.data_ptr(), context_lens.data_ptr()
     call.block_tables = block_tables.data_ptr()

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from modgen.kernels import cpu
 from modgen.sequence import Sequence
 
 
@@ -21,8 +22,6 @@ class Sampler:
         self._generators: dict[int, torch.Generator] = {}
         self._kernels: Any = None
         if cpu_kernels:
-            from modgen.kernels import cpu
-
             try:
                 self._kernels = cpu.load()
             except cpu.KernelBuildError:
@@ -30,8 +29,6 @@ class Sampler:
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self._kernels is not None and logits.device.type == "cpu" and logits.is_contiguous():
-            from modgen.kernels import cpu
-
             return cpu.argmax(self._kernels, logits)
         return logits.argmax(dim=-1)
 

@@ -8,6 +8,7 @@ import torch
 
 from modgen.attention import AttentionBackend, AttentionConfig, AttentionSpec
 from modgen.batch import RaggedBatch
+from modgen.kernels import cpu
 from modgen.registry import register
 
 
@@ -42,8 +43,6 @@ class CpuAttention(AttentionBackend):
                 f"attention=cpu cannot group {spec.num_heads} query heads over "
                 f"{spec.num_kv_heads} KV heads (groups of at most 64)"
             )
-        from modgen.kernels import cpu
-
         try:
             cpu.load(spec.head_dim)  # build now, so a missing compiler shows before serving
         except cpu.KernelBuildError as err:
@@ -53,8 +52,6 @@ class CpuAttention(AttentionBackend):
         return None
 
     def forward(self, q, k, v, kv_cache, batch, meta, scale, sliding_window, rope=None):
-        from modgen.kernels import cpu
-
         k_cache, v_cache = kv_cache
         return cpu.paged_attention(
             q,

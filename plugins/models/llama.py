@@ -224,8 +224,9 @@ class LlamaForCausalLM(CausalLM):
             self.init_random(config.seed)
         self.to(device=device, dtype=self.dtype)
         self.inv_freq = inv_freq.to(device)  # float32 whatever the model's dtype
-        self.ops = self._cpu_kernels(config)
-        if torch.device(device).type == "cpu":
+        on_cpu = torch.device(device).type == "cpu"
+        self.ops = self._cpu_kernels(config) if on_cpu else None
+        if on_cpu:
             self._weights_input_major()
         self.eval()
 
@@ -240,10 +241,9 @@ class LlamaForCausalLM(CausalLM):
                 module.weight.data = module.weight.data.t().contiguous().t()
 
     def _cpu_kernels(self, config: LlamaShape) -> Any:
-        """The fused C++ kernels when ``model.cpu_kernels`` asks and this device and dtype can
-        use them; None (plain torch) otherwise."""
-        on_cpu = torch.device(self.device).type == "cpu"
-        if not config.cpu_kernels or not on_cpu or self.dtype != torch.float32:
+        """On the CPU: the fused C++ kernels when ``model.cpu_kernels`` asks and the dtype is
+        float32; None (plain torch) otherwise."""
+        if not config.cpu_kernels or self.dtype != torch.float32:
             return None
         try:
             return cpu_kernels.load(self.head_dim)
