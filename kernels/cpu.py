@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +24,19 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-std=c++17"]
+ISA_FLAGS = {
+    "avx512": ["-march=native"],
+    "avx2": ["-march=native", "-mno-avx512f"],
+    "sse": ["-march=native", "-mno-avx"],
+    "neon": ["-march=native"],
+    "generic": [],
+}
+"""Compiler flags per instruction set. The kernel takes its vector width (16, 8 or 4 floats) and
+register blocking from the instruction set it is compiled for; x86 builds tune for this CPU and
+switch off the wider extensions it has, so an AVX-512 machine can build (and measure) the AVX2
+code too."""
+_OMP_RUNTIME = re.compile(r"\s(/\S*/lib(?:g|i)?omp[^/\s]*\.so[^/\s]*)$")
 
 
 class KernelBuildError(RuntimeError):
@@ -48,6 +61,32 @@ def compiler() -> str:
     return path
 
 
+def machine_isas() -> list[str]:
+    """The instruction sets this CPU runs that the kernel has a build for, widest first.
+
+    On x86 the ceiling is torch's own CPU capability (so ``ATEN_CPU_CAPABILITY=avx2`` makes an
+    AVX-512 machine behave as an AVX2 one for torch and for these kernels alike)."""
+    arch = platform.machine().lower()
+    if arch in ("x86_64", "amd64"):
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+        return {"avx512": ["avx512", "avx2", "sse"], "avx2": ["avx2", "sse"]}.get(cap, ["sse"])
+    if arch in ("aarch64", "arm64"):
+        return ["neon"]
+    return ["generic"]
+
+
+def openmp_runtime() -> Path | None:
+    """The OpenMP runtime torch has loaded into this process (read off /proc/self/maps), or None
+    where that cannot be told (the kernel then links the compiler's own)."""
+    torch.get_num_threads()  # torch's runtime is loaded by now
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    found = {m.group(1) for line in lines if (m := _OMP_RUNTIME.search(line))}
+    return Path(found.pop()) if len(found) == 1 else None
+
+
 class _Call(ctypes.Structure):
     """Mirror of ``ModgenAttentionCall`` in cpu_kernels.cpp."""
 
@@ -62,30 +101,48 @@ class _Call(ctypes.Structure):
     ]
 
 
-@cache
-def load(head_dim: int = 64) -> ctypes.CDLL:
-    """The kernel library for ``head_dim``, built if it is not cached yet (the element-wise
-    kernels work whatever head dim the library was built for)."""
-    cxx = compiler()
-    source = SOURCE.read_bytes()
-    flags = [*FLAGS, f"-DHEAD_DIM={head_dim}"]
-    key = hashlib.sha256(
-        source + " ".join([cxx, *flags, platform.machine(), platform.node()]).encode()
-    ).hexdigest()[:16]
-    lib_path = cache_dir() / f"cpu_kernels_d{head_dim}_{key}.so"
-    if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-            tmp_lib = Path(tmp) / lib_path.name
-            proc = subprocess.run(
-                [cxx, *flags, str(SOURCE), "-o", str(tmp_lib)], capture_output=True, text=True
-            )
+def _build(cxx: str, flags: list[str], link: list[str], lib_path: Path) -> None:
+    """Compile, then link against torch's OpenMP runtime (one runtime, one thread pool)."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        obj, tmp_lib = Path(tmp) / "kernels.o", Path(tmp) / lib_path.name
+        for cmd in (
+            [cxx, *flags, "-c", str(SOURCE), "-o", str(obj)],
+            [cxx, "-shared", str(obj), *link, "-o", str(tmp_lib)],
+        ):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelBuildError(
-                    f"building {SOURCE.name} failed ({cxx} {' '.join(flags)}):\n{proc.stderr}"
+                    f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr}"
                 )
-            os.replace(tmp_lib, lib_path)  # atomic: concurrent builders never see half a file
+        os.replace(tmp_lib, lib_path)  # atomic: concurrent builders never see half a file
+
+
+@cache
+def load(head_dim: int = 64, isa: str | None = None) -> ctypes.CDLL:
+    """The kernel library for ``head_dim`` and instruction set ``isa`` (default: the widest this
+    CPU runs), built if it is not cached yet. The element-wise kernels work whatever head dim the
+    library was built for."""
+    isas = machine_isas()
+    isa = isa or isas[0]
+    if isa not in isas:
+        raise KernelBuildError(f"this CPU runs the kernels' {isas} builds, not {isa!r}")
+    cxx = compiler()
+    flags = [*FLAGS, *ISA_FLAGS[isa], f"-DHEAD_DIM={head_dim}"]
+    omp = openmp_runtime()
+    link = [str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else ["-fopenmp"]
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + " ".join([cxx, *flags, *link, platform.machine(), platform.node()]).encode()
+    ).hexdigest()[:16]
+    lib_path = cache_dir() / f"cpu_kernels_d{head_dim}_{isa}_{key}.so"
+    if not lib_path.exists():
+        _build(cxx, flags, link, lib_path)
     lib = ctypes.CDLL(str(lib_path))
+    lib.modgen_isa.restype = ctypes.c_char_p
+    built = lib.modgen_isa().decode()
+    if built != isa:
+        raise KernelBuildError(f"asked {cxx} for {isa} code ({' '.join(flags)}), got {built}")
     lib.modgen_attention_f32.restype = ctypes.c_int
     lib.modgen_attention_f32.argtypes = [ctypes.POINTER(_Call)]
     lib.modgen_rms_norm_f32.restype = None
@@ -123,6 +180,7 @@ def paged_attention(
     sliding_window: int | None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """Attention of every query in a ragged batch over its sequence's paged K/V (causal, and
     windowed when ``sliding_window`` is set).
@@ -130,7 +188,7 @@ def paged_attention(
     ``new_kv=(k, v, slot_mapping)`` writes this step's keys and values ([T, Hkv, D]) into their
     slots first; otherwise they must be in the cache already. ``rope=(cos, sin)`` ([T, 1, D] or
     [T, D]) rotates the queries and the new keys on the way (Hugging Face's rotate_half
-    convention).
+    convention). ``isa`` picks the kernel build (default: the widest this CPU runs).
     """
     num_tokens, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -161,7 +219,7 @@ def paged_attention(
     call.num_seqs, call.max_blocks = context_lens.shape[0], block_tables.shape[1]
     call.hq, call.hkv, call.block_size = hq, hkv, block_size
     call.window, call.scale = sliding_window or 0, scale
-    if load(d).modgen_attention_f32(ctypes.byref(call)) != 0:
+    if load(d, isa).modgen_attention_f32(ctypes.byref(call)) != 0:
         raise ValueError(f"{hq} query heads over {hkv} KV heads: groups over 64 are not supported")
     return out
 

@@ -6,39 +6,75 @@
 // block table. No gathered copy of the context, no mask tensor, no work on masked tiles: each
 // query tile walks only the keys it can see, in tiles of KT keys, with an online softmax. First
 // this step's keys and values are written into their cache slots (keys rotated by RoPE when
-// rotary tables are given); then the tiles run in parallel on OpenMP threads (torch's: the
-// runtime is shared). Tiles with many query rows (prompt chunks) vectorise scores over rows;
-// tiles with few (decodes; every KV head of a sequence in one tile when there are enough
+// rotary tables are given); then the tiles run in parallel on OpenMP threads (torch's runtime:
+// cpu.py links the library against the one torch loaded). Tiles with many query rows (prompt
+// chunks) vectorise both products over query rows (broadcasting one key or value element at a
+// time); tiles with few (decodes; every KV head of a sequence in one tile when there are enough
 // sequences to fill the threads) take dot products over the head dim. Layouts: see
 // ModgenAttentionCall.
 //
-// Built at run time by modgen/kernels/cpu.py with -DHEAD_DIM=<d> (and -march=native), loaded
-// through ctypes. Vectors are GCC vector extensions, so the same source becomes AVX-512, AVX2 or
-// NEON code on whatever machine builds it.
+// Built at run time by modgen/kernels/cpu.py with -DHEAD_DIM=<d>, once per instruction set
+// (cpu.py's ISA table). Vectors are GCC vector extensions of the instruction set's native width
+// (16 floats for AVX-512, 8 for AVX2, 4 for NEON or SSE), never wider: a vector type wider than
+// the hardware is split or scalarised by the compiler, which made a 16-float build 20x slower on
+// AVX2. Register blocking follows the register count (32 or 16).
 
 #include <omp.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #ifndef HEAD_DIM
 #error "build with -DHEAD_DIM=<head dim>"
 #endif
 
+#if defined(__AVX512F__)
+#define MODGEN_ISA "avx512"
+constexpr int W = 16, NREG = 32;
+#elif defined(__AVX2__)
+#define MODGEN_ISA "avx2"
+constexpr int W = 8, NREG = 16;
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+#define MODGEN_ISA "neon"
+constexpr int W = 4, NREG = 32;
+#elif defined(__SSE2__)
+#define MODGEN_ISA "sse"
+constexpr int W = 4, NREG = 16;
+#else
+#define MODGEN_ISA "generic"
+constexpr int W = 4, NREG = 16;
+#endif
+
 namespace {
 
-constexpr int KT = 16;                                  // keys per tile: one vector of scores
-constexpr int DC = (HEAD_DIM + KT - 1) / KT;            // head dim in vectors of KT floats
-constexpr int DP = DC * KT;                             // head dim padded to whole vectors
-constexpr int RB = 4;                                   // query rows computed together
-constexpr int MAX_ROWS = 64;                            // query rows (query x head) per tile
+constexpr int KT = 16;                    // keys per tile
+constexpr int MAX_ROWS = 64;              // query rows (query x head) per tile
+constexpr int DECODE_ROWS = 16;           // tiles with fewer rows take the dot-product path
+constexpr int DC = (HEAD_DIM + W - 1) / W;  // head dim in vectors
+constexpr int DP = DC * W;                // head dim padded to whole vectors
+constexpr int RV_MAX = MAX_ROWS / W;      // query rows per tile, in vectors
+// register blocks: products over rows take NJ keys (or ND head-dim elements) x NC row vectors;
+// decode tiles accumulate RB rows x CG head-dim vectors
+constexpr int NJ = 4, ND = 4, NC = NREG >= 32 ? 4 : 2;
+constexpr int RB = NREG >= 32 ? 4 : 2;
+constexpr int CG = DC < (NREG / 2) / RB ? DC : (NREG / 2) / RB;
 
-typedef float vf __attribute__((vector_size(KT * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(KT * sizeof(int32_t))));
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf load(const float *src) {
+  vf v;
+  std::memcpy(&v, src, sizeof(v));
+  return v;
+}
+
+inline void store(float *dst, vf v) { std::memcpy(dst, &v, sizeof(v)); }
 
 // exp for a vector: 2^n * e^f with |f| <= ln2 / 2 and a degree-6 polynomial for e^f (relative
 // error near 2e-7). Inputs below -87 give e^-87 (about 1.6e-38): masked lanes are zeroed apart.
@@ -64,35 +100,67 @@ inline vf vexp(vf x) {
 
 inline float hmax(vf v) {
   float m = v[0];
-  for (int j = 1; j < KT; ++j) m = v[j] > m ? v[j] : m;
+  for (int j = 1; j < W; ++j) m = v[j] > m ? v[j] : m;
   return m;
 }
 
 inline float hsum(vf v) {
   float s = 0.0f;
-  for (int j = 0; j < KT; ++j) s += v[j];
+  for (int j = 0; j < W; ++j) s += v[j];
   return s;
 }
+
+// The W lane sums of W vectors, as one vector, by halving: each level folds pairs of vectors
+// into one holding both inputs' partial sums, segment by segment. Output lane i at fold size s
+// takes lanes lo(i, s) and lo(i, s) + s of the pair (a, b), a's lanes first.
+constexpr int fold_lane(int i, int s) { return (i / s % 2) * W + i / s / 2 * 2 * s + i % s; }
+
+template <int S, std::size_t... I>
+inline vf fold(vf a, vf b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, fold_lane(I, S)...) +
+         __builtin_shufflevector(a, b, (fold_lane(I, S) + S)...);
+}
+
+template <int S>
+inline void fold_levels(vf *t, int n) {
+  for (int i = 0; i < n / 2; ++i) t[i] = fold<S>(t[2 * i], t[2 * i + 1], std::make_index_sequence<W>{});
+  if constexpr (S > 1) fold_levels<S / 2>(t, n / 2);
+}
+
+// Sums of t[0] .. t[W - 1] (t is overwritten). The sums land in a fixed lane order: callers put
+// key j in slot tree_slots.slot[j] to find its sum in lane j.
+inline vf tree_sum(vf *t) {
+  fold_levels<W / 2>(t, W);
+  return t[0];
+}
+
+struct TreeSlots {
+  int slot[W];  // slot[j]: the input of tree_sum whose sum lands in lane j
+  TreeSlots() {
+    vf t[W];
+    for (int i = 0; i < W; ++i) t[i] = vf{} + static_cast<float>(i);
+    const vf out = tree_sum(t);
+    for (int j = 0; j < W; ++j) slot[j] = static_cast<int>(out[j]) / W;
+  }
+};
+const TreeSlots tree_slots;
 
 struct Item {
   int32_t seq, head, q0, nq;  // sequence, first KV head, first query of the tile, queries in it
   int32_t nh;                 // KV heads in the tile (rows: query, then KV head, then group)
 };
 
-constexpr int RV_MAX = MAX_ROWS / KT;  // query rows per tile, in vectors
-
 struct Scratch {
-  // decode path (fewer than KT rows): dot products over the head dim
-  vf qv[KT][DC];       // query rows, pre-scaled
-  float pk[KT][KT];    // probabilities of a key tile, per row
-  float m[KT], l[KT];  // running max and sum, per row
-  int64_t qpos[KT];
-  // prompt path (many rows): scores vectorised over query rows
-  vf qt[HEAD_DIM][RV_MAX];  // query tile, transposed: qt[d][row vector]
-  vf p[KT][RV_MAX];         // scores, then probabilities: p[key][row vector]
-  // both
-  float alpha[MAX_ROWS];  // per row: how much a key tile rescales the accumulated output
-  vf acc[MAX_ROWS][DC];
+  // decode path (fewer than DECODE_ROWS rows): dot products over the head dim
+  vf qv[DECODE_ROWS][DC];       // query rows, pre-scaled
+  vf acc[DECODE_ROWS][DC];      // output rows
+  float pk[DECODE_ROWS][KT];    // probabilities of a key tile, per row
+  float m[DECODE_ROWS], l[DECODE_ROWS], alpha[DECODE_ROWS];
+  int64_t qpos[DECODE_ROWS];
+  // prompt path (many rows): both products vectorised over query rows
+  vf qt[HEAD_DIM][RV_MAX];    // query tile, transposed: qt[d][row vector]
+  vf p[KT][RV_MAX];           // scores, then probabilities: p[key][row vector]
+  vf acct[HEAD_DIM][RV_MAX];  // output, transposed
 };
 
 }  // namespace
@@ -196,60 +264,93 @@ inline void prefetch_tile(const Args &a, const int64_t *table, int64_t head, int
   }
 }
 
-// A vector of HEAD_DIM's c-th KT floats from src (which need not be aligned); a head dim that is
+// A vector of HEAD_DIM's c-th W floats from src (which need not be aligned); a head dim that is
 // not a whole number of vectors is zero-padded.
 inline vf load_chunk(const float *src, int c) {
-  vf v;
-  if constexpr (HEAD_DIM % KT == 0) {
-    std::memcpy(&v, src + c * KT, sizeof(v));
+  if constexpr (HEAD_DIM % W == 0) {
+    return load(src + c * W);
   } else {
-    v = vf{};
-    const int n = HEAD_DIM - c * KT < KT ? HEAD_DIM - c * KT : KT;
-    std::memcpy(&v, src + c * KT, n * sizeof(float));
+    vf v = vf{};
+    const int n = HEAD_DIM - c * W < W ? HEAD_DIM - c * W : W;
+    std::memcpy(&v, src + c * W, n * sizeof(float));
+    return v;
   }
-  return v;
 }
 
-// The 16 lane sums of 16 vectors, as one vector: level by level, each pair of vectors becomes one
-// holding both halves' partial sums. The tree leaves the sums in a fixed lane order, so callers
-// feed key j in slot tree_slot[j] to get key j's sum in lane j.
-inline vf tree_sum(vf *t) {
-  vf b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)
-    b[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
-                                   19, 20, 21, 22, 23) +
-           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
-                                   26, 27, 28, 29, 30, 31);
-  for (int i = 0; i < 4; ++i)
-    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10,
-                                   11, 24, 25, 26, 27) +
-           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14,
-                                   15, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24,
-                                   25, 12, 13, 28, 29) +
-           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26,
-                                   27, 14, 15, 30, 31);
-  return __builtin_shufflevector(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28,
-                                 14, 30) +
-         __builtin_shufflevector(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15,
-                                 31);
+// ---- decode path: few query rows, dot products over the head dim --------------------------
+
+// acc[r0 .. r0 + RB)[c0 .. c0 + N) = acc * alpha + p @ v, for nk keys.
+template <int N>
+inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const int64_t *hoff,
+                      int nk) {
+  vf acc[RB][N];
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < N; ++c) acc[i][c] = s.acc[r0 + i][c0 + c] * s.alpha[r0 + i];
+  if (hoff[r0] == hoff[r0 + RB - 1]) {  // one KV head: share each value load
+    for (int j = 0; j < nk; ++j) {
+      for (int c = 0; c < N; ++c) {
+        const vf v = load_chunk(vp[j] + hoff[r0], c0 + c);
+        for (int i = 0; i < RB; ++i) acc[i][c] += s.pk[r0 + i][j] * v;
+      }
+    }
+  } else {
+    for (int j = 0; j < nk; ++j)
+      for (int i = 0; i < RB; ++i)
+        for (int c = 0; c < N; ++c)
+          acc[i][c] += s.pk[r0 + i][j] * load_chunk(vp[j] + hoff[r0 + i], c0 + c);
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int c = 0; c < N; ++c) s.acc[r0 + i][c0 + c] = acc[i][c];
 }
 
-struct TreeSlots {
-  int slot[KT];  // slot[j]: the input of tree_sum whose sum lands in lane j
-  TreeSlots() {
-    vf t[KT];
-    for (int i = 0; i < KT; ++i) t[i] = vf{} + static_cast<float>(i);
-    const vf out = tree_sum(t);
-    for (int j = 0; j < KT; ++j) slot[j] = static_cast<int>(out[j]) / KT;
+// Scores of one query row against a key tile, then its online-softmax update: probabilities into
+// s.pk[r], the rescale of earlier output into s.alpha[r].
+inline void decode_softmax_row(const Args &a, Scratch &s, int r, const float *const *kp,
+                               int64_t hoff, int64_t p0, int nk, bool partial) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  constexpr int NV = KT / W;  // score vectors per tile
+  vf sc[NV], keep[NV];
+  for (int h = 0; h < NV; ++h) {
+    vf t[W];
+    for (int j = 0; j < W; ++j) {
+      const float *k = kp[h * W + j] + hoff;
+      vf dot = s.qv[r][0] * load_chunk(k, 0);
+      for (int c = 1; c < DC; ++c) dot += s.qv[r][c] * load_chunk(k, c);
+      t[tree_slots.slot[j]] = dot;
+    }
+    sc[h] = tree_sum(t);
+    keep[h] = vf{} + 1.0f;
   }
-};
-const TreeSlots tree_slots;
+  if (partial) {
+    const int64_t qp = s.qpos[r];
+    for (int j = 0; j < KT; ++j) {
+      const int64_t kpos = p0 + j;
+      if (!(j < nk && kpos <= qp && (a.window <= 0 || kpos > qp - a.window))) {
+        sc[j / W][j % W] = neg_inf;
+        keep[j / W][j % W] = 0.0f;
+      }
+    }
+  }
+  float mx = hmax(sc[0]);
+  for (int h = 1; h < NV; ++h) mx = std::max(mx, hmax(sc[h]));
+  const float m_new = mx > s.m[r] ? mx : s.m[r];
+  float alpha = 1.0f;
+  if (m_new != neg_inf) {
+    float sum = 0.0f;
+    for (int h = 0; h < NV; ++h) {
+      const vf pr = vexp(sc[h] - m_new) * keep[h];
+      store(s.pk[r] + h * W, pr);
+      sum += hsum(pr);
+    }
+    alpha = s.m[r] == neg_inf ? 0.0f : std::exp(s.m[r] - m_new);
+    s.l[r] = s.l[r] * alpha + sum;
+    s.m[r] = m_new;
+  } else {
+    for (int j = 0; j < KT; ++j) s.pk[r][j] = 0.0f;
+  }
+  s.alpha[r] = alpha;
+}
 
-// Few query rows (decodes): each score is a dot product over the head dim, vectorised over it;
-// a tile's 16 dot products per row are summed by one tree_sum. Keys and values are read straight
-// from the cache.
 void attend_keys(const Args &a, const Item &it, Scratch &s) {
   const int64_t g = a.hq / a.hkv;
   const int64_t qlen = a.query_start[it.seq + 1] - a.query_start[it.seq];
@@ -258,8 +359,7 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
   const int per_q = static_cast<int>(g) * it.nh;
   const int rows = it.nq * per_q;
   const int rows_pad = (rows + RB - 1) / RB * RB;
-  int64_t hoff[KT];  // offset of each row's KV head from the tile's first
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  int64_t hoff[DECODE_ROWS];  // offset of each row's KV head from the tile's first
 
   for (int r = 0; r < rows_pad; ++r) {
     const int rr = r < rows ? r : rows - 1;  // padding rows repeat the last real row
@@ -268,10 +368,10 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
     const int64_t head = (it.head + kvh) * g + rr % g;
     float row[DP] = {};
     load_query(a, a.query_start[it.seq] + qi, head, row);
-    for (int c = 0; c < DC; ++c) s.qv[r][c] = load_chunk(row, c);
+    for (int c = 0; c < DC; ++c) s.qv[r][c] = load(row + c * W);
     hoff[r] = kvh * HEAD_DIM;
     s.qpos[r] = ctx - qlen + qi;
-    s.m[r] = neg_inf;
+    s.m[r] = -std::numeric_limits<float>::infinity();
     s.l[r] = 0.0f;
     for (int c = 0; c < DC; ++c) s.acc[r][c] = vf{};
   }
@@ -286,59 +386,11 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
     key_tile(a, table, it.head, p0, nk, kp, vp);
     if (p0 + KT < hi) prefetch_tile(a, table, it.head, it.nh, p0 + KT, hi);
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
-    for (int r = 0; r < rows_pad; ++r) {
-      vf t[KT];
-      for (int j = 0; j < KT; ++j) {
-        const float *k = kp[j] + hoff[r];
-        vf dot = s.qv[r][0] * load_chunk(k, 0);
-        for (int c = 1; c < DC; ++c) dot += s.qv[r][c] * load_chunk(k, c);
-        t[tree_slots.slot[j]] = dot;
-      }
-      vf sc = tree_sum(t);
-      vf keep = vf{} + 1.0f;
-      if (partial) {
-        const int64_t qp = s.qpos[r];
-        for (int j = 0; j < KT; ++j) {
-          const int64_t kpos = p0 + j;
-          if (!(j < nk && kpos <= qp && (a.window <= 0 || kpos > qp - a.window))) {
-            sc[j] = neg_inf;
-            keep[j] = 0.0f;
-          }
-        }
-      }
-      const float mx = hmax(sc);
-      const float m_new = mx > s.m[r] ? mx : s.m[r];
-      vf pr = vf{};
-      float alpha = 1.0f;
-      if (m_new != neg_inf) {
-        pr = vexp(sc - m_new) * keep;
-        alpha = s.m[r] == neg_inf ? 0.0f : std::exp(s.m[r] - m_new);
-        s.l[r] = s.l[r] * alpha + hsum(pr);
-        s.m[r] = m_new;
-      }
-      std::memcpy(s.pk[r], &pr, sizeof(pr));
-      s.alpha[r] = alpha;
-    }
-    for (int r0 = 0; r0 < rows_pad; r0 += RB) {
-      vf acc[RB][DC];
-      for (int i = 0; i < RB; ++i)
-        for (int c = 0; c < DC; ++c) acc[i][c] = s.acc[r0 + i][c] * s.alpha[r0 + i];
-      if (hoff[r0] == hoff[r0 + RB - 1]) {  // one KV head: share each value load
-        for (int j = 0; j < nk; ++j) {
-          for (int c = 0; c < DC; ++c) {
-            const vf v = load_chunk(vp[j] + hoff[r0], c);
-            for (int i = 0; i < RB; ++i) acc[i][c] += s.pk[r0 + i][j] * v;
-          }
-        }
-      } else {
-        for (int j = 0; j < nk; ++j)
-          for (int i = 0; i < RB; ++i)
-            for (int c = 0; c < DC; ++c)
-              acc[i][c] += s.pk[r0 + i][j] * load_chunk(vp[j] + hoff[r0 + i], c);
-      }
-      for (int i = 0; i < RB; ++i)
-        for (int c = 0; c < DC; ++c) s.acc[r0 + i][c] = acc[i][c];
-    }
+    for (int r = 0; r < rows_pad; ++r) decode_softmax_row(a, s, r, kp, hoff[r], p0, nk, partial);
+    for (int c0 = 0; c0 + CG <= DC; c0 += CG)
+      for (int r0 = 0; r0 < rows_pad; r0 += RB) decode_pv<CG>(s, r0, c0, vp, hoff, nk);
+    if constexpr (DC % CG != 0)
+      for (int r0 = 0; r0 < rows_pad; r0 += RB) decode_pv<DC % CG>(s, r0, DC - DC % CG, vp, hoff, nk);
   }
 
   for (int r = 0; r < rows; ++r) {
@@ -351,9 +403,50 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
   }
 }
 
-// Many query rows (prompt chunks): scores are vectorised over query rows, so keys and values are
-// read straight from the cache (broadcast and row loads), nothing is transposed per key tile and
-// the softmax needs no horizontal reductions. RV = row vectors in the tile.
+// ---- prompt path: many query rows, products vectorised over rows ---------------------------
+
+// Scores of NJ keys against N row vectors: p[j][c] = sum_d k_j[d] * qt[d][c].
+template <int N>
+inline void score_block(const vf (*qt)[RV_MAX], const float *const *kp, vf (*p)[RV_MAX], int c0) {
+  vf acc[NJ][N] = {};
+  for (int d = 0; d < HEAD_DIM; ++d) {
+    vf q[N];
+    for (int c = 0; c < N; ++c) q[c] = qt[d][c0 + c];
+    for (int j = 0; j < NJ; ++j) {
+      const float k = kp[j][d];
+      for (int c = 0; c < N; ++c) acc[j][c] += k * q[c];
+    }
+  }
+  for (int j = 0; j < NJ; ++j)
+    for (int c = 0; c < N; ++c) p[j][c0 + c] = acc[j][c];
+}
+
+// Output of DN head-dim elements from d0, N row vectors from c0: acct = acct * alpha + v^T p.
+template <int DN, int N>
+inline void pv_block(Scratch &s, const vf *alpha, const float *const *vp, int nk, int d0, int c0) {
+  vf acc[DN][N];
+  for (int d = 0; d < DN; ++d)
+    for (int c = 0; c < N; ++c) acc[d][c] = s.acct[d0 + d][c0 + c] * alpha[c0 + c];
+  for (int j = 0; j < nk; ++j) {
+    vf pj[N];
+    for (int c = 0; c < N; ++c) pj[c] = s.p[j][c0 + c];
+    for (int d = 0; d < DN; ++d) {
+      const float v = vp[j][d0 + d];
+      for (int c = 0; c < N; ++c) acc[d][c] += v * pj[c];
+    }
+  }
+  for (int d = 0; d < DN; ++d)
+    for (int c = 0; c < N; ++c) s.acct[d0 + d][c0 + c] = acc[d][c];
+}
+
+template <int RV, int DN>
+inline void pv_rows(Scratch &s, const vf *alpha, const float *const *vp, int nk, int d0) {
+  int c0 = 0;
+  for (; c0 + NC <= RV; c0 += NC) pv_block<DN, NC>(s, alpha, vp, nk, d0, c0);
+  if constexpr (RV % NC != 0) pv_block<DN, RV % NC>(s, alpha, vp, nk, d0, c0);
+}
+
+// RV = row vectors in the tile.
 template <int RV>
 void attend_rows(const Args &a, const Item &it, Scratch &s) {
   const int64_t g = a.hq / a.hkv;
@@ -361,29 +454,27 @@ void attend_rows(const Args &a, const Item &it, Scratch &s) {
   const int64_t ctx = a.context_lens[it.seq];
   const int64_t *table = a.block_tables + it.seq * a.max_blocks;
   const int rows = it.nq * static_cast<int>(g);
-  constexpr int ROWS = RV * KT;
+  constexpr int ROWS = RV * W;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  float *qt = reinterpret_cast<float *>(s.qt);  // [HEAD_DIM][RV_MAX * KT]
-  float *p = reinterpret_cast<float *>(s.p);    // [KT][RV_MAX * KT]
-  constexpr int LD = RV_MAX * KT;
 
   vi qpos[RV];
-  vf m[RV], l[RV];
+  vf m[RV], l[RV], alpha[RV];
   for (int r = 0; r < ROWS; ++r) {
     const int rr = r < rows ? r : rows - 1;  // padding rows repeat the last real row
     const int64_t qi = it.q0 + rr / g;
     const int64_t head = it.head * g + rr % g;
     float row[HEAD_DIM];
     load_query(a, a.query_start[it.seq] + qi, head, row);
-    for (int d = 0; d < HEAD_DIM; ++d) qt[d * LD + r] = row[d];
-    qpos[r / KT][r % KT] = static_cast<int32_t>(ctx - qlen + qi);
-    for (int c = 0; c < DC; ++c) s.acc[r][c] = vf{};
+    for (int d = 0; d < HEAD_DIM; ++d) s.qt[d][r / W][r % W] = row[d];
+    qpos[r / W][r % W] = static_cast<int32_t>(ctx - qlen + qi);
   }
+  for (int d = 0; d < HEAD_DIM; ++d)
+    for (int c = 0; c < RV; ++c) s.acct[d][c] = vf{};
   for (int c = 0; c < RV; ++c) {
     m[c] = vf{} + neg_inf;
     l[c] = vf{};
   }
-  const int64_t first = qpos[0][0], last = qpos[(rows - 1) / KT][(rows - 1) % KT];
+  const int64_t first = qpos[0][0], last = qpos[(rows - 1) / W][(rows - 1) % W];
   const int64_t lo = a.window > 0 && first - a.window + 1 > 0 ? first - a.window + 1 : 0;
   const int64_t hi = last + 1;
   const int32_t window = static_cast<int32_t>(a.window);
@@ -393,88 +484,63 @@ void attend_rows(const Args &a, const Item &it, Scratch &s) {
   for (int64_t p0 = lo; p0 < hi; p0 += KT) {
     const int nk = hi - p0 < KT ? static_cast<int>(hi - p0) : KT;
     key_tile(a, table, it.head, p0, nk, kp, vp);
-    // scores: 4 keys x RV row vectors at a time
-    for (int j0 = 0; j0 < KT; j0 += 4) {
-      vf acc[4][RV];
-      for (int jj = 0; jj < 4; ++jj)
-        for (int c = 0; c < RV; ++c) acc[jj][c] = vf{};
-      for (int d = 0; d < HEAD_DIM; ++d) {
-        vf q[RV];
-        for (int c = 0; c < RV; ++c) q[c] = s.qt[d][c];
-        for (int jj = 0; jj < 4; ++jj) {
-          const float k = kp[j0 + jj][d];
-          for (int c = 0; c < RV; ++c) acc[jj][c] += k * q[c];
-        }
-      }
-      for (int jj = 0; jj < 4; ++jj)
-        for (int c = 0; c < RV; ++c) s.p[j0 + jj][c] = acc[jj][c];
+    for (int j0 = 0; j0 < nk; j0 += NJ) {
+      int c0 = 0;
+      for (; c0 + NC <= RV; c0 += NC) score_block<NC>(s.qt, kp + j0, s.p + j0, c0);
+      if constexpr (RV % NC != 0) score_block<RV % NC>(s.qt, kp + j0, s.p + j0, c0);
     }
     // online softmax, each lane its own row
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
     for (int c = 0; c < RV; ++c) {
       vf mx = m[c];
-      if (partial) {
-        for (int j = 0; j < KT; ++j) {
+      for (int j = 0; j < KT; ++j) {
+        if (partial) {
           const int32_t kpos = static_cast<int32_t>(p0 + j);
           vi ok = (j < nk ? vi{} - 1 : vi{}) & (kpos <= qpos[c]);
           if (a.window > 0) ok &= kpos > qpos[c] - window;
           s.p[j][c] = ok ? s.p[j][c] : vf{} + neg_inf;
         }
+        mx = s.p[j][c] > mx ? s.p[j][c] : mx;
       }
-      for (int j = 0; j < KT; ++j) mx = s.p[j][c] > mx ? s.p[j][c] : mx;
       const vi none = mx == neg_inf;  // rows that see no key yet
       const vf m_safe = none ? vf{} : mx;
-      const vf alpha = m[c] == neg_inf ? vf{} : vexp(m[c] - m_safe);
+      alpha[c] = m[c] == neg_inf ? vf{} : vexp(m[c] - m_safe);
       vf sum = vf{};
-      for (int j = 0; j < KT; ++j) {
+      for (int j = 0; j < nk; ++j) {
         const vf sj = s.p[j][c];
         const vf pj = sj == neg_inf ? vf{} : vexp(sj - m_safe);
         s.p[j][c] = pj;
         sum += pj;
       }
-      l[c] = l[c] * alpha + sum;
+      l[c] = l[c] * alpha[c] + sum;
       m[c] = mx;
-      std::memcpy(s.alpha + c * KT, &alpha, sizeof(alpha));
     }
-    // acc = acc * alpha + p @ v, 4 rows at a time
-    for (int r0 = 0; r0 < ROWS; r0 += 4) {
-      vf acc[4][DC];
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < DC; ++c) acc[i][c] = s.acc[r0 + i][c] * s.alpha[r0 + i];
-      for (int j = 0; j < nk; ++j) {
-        float pj[4];
-        for (int i = 0; i < 4; ++i) pj[i] = p[j * LD + r0 + i];
-        for (int c = 0; c < DC; ++c) {
-          const vf v = load_chunk(vp[j], c);
-          for (int i = 0; i < 4; ++i) acc[i][c] += pj[i] * v;
-        }
-      }
-      for (int i = 0; i < 4; ++i)
-        for (int c = 0; c < DC; ++c) s.acc[r0 + i][c] = acc[i][c];
-    }
+    int d0 = 0;
+    for (; d0 + ND <= HEAD_DIM; d0 += ND) pv_rows<RV, ND>(s, alpha, vp, nk, d0);
+    if constexpr (HEAD_DIM % ND != 0) pv_rows<RV, HEAD_DIM % ND>(s, alpha, vp, nk, d0);
   }
 
-  float lsum[ROWS];
-  for (int c = 0; c < RV; ++c) std::memcpy(lsum + c * KT, &l[c], sizeof(vf));
   for (int r = 0; r < rows; ++r) {
     const int64_t qi = it.q0 + r / g;
     const int64_t head = it.head * g + r % g;
     float *dst = a.out + ((a.query_start[it.seq] + qi) * a.hq + head) * HEAD_DIM;
-    const float inv = 1.0f / lsum[r];
-    const float *acc = reinterpret_cast<const float *>(s.acc[r]);
-    for (int d = 0; d < HEAD_DIM; ++d) dst[d] = acc[d] * inv;
+    const float inv = 1.0f / l[r / W][r % W];
+    for (int d = 0; d < HEAD_DIM; ++d) dst[d] = s.acct[d][r / W][r % W] * inv;
   }
 }
 
+using TileFn = void (*)(const Args &, const Item &, Scratch &);
+
+template <std::size_t... I>
+constexpr std::array<TileFn, sizeof...(I)> row_kernels(std::index_sequence<I...>) {
+  return {&attend_rows<static_cast<int>(I) + 1>...};
+}
+constexpr auto ROW_KERNELS = row_kernels(std::make_index_sequence<RV_MAX>{});
+
 void attend_tile(const Args &a, const Item &it, Scratch &s) {
   const int rows = it.nq * it.nh * static_cast<int>(a.hq / a.hkv);
-  if (rows < KT) return attend_keys(a, it, s);
-  switch ((rows + KT - 1) / KT) {
-    case 1: return attend_rows<1>(a, it, s);
-    case 2: return attend_rows<2>(a, it, s);
-    case 3: return attend_rows<3>(a, it, s);
-    default: return attend_rows<4>(a, it, s);
-  }
+  if (rows < DECODE_ROWS) return attend_keys(a, it, s);
+  ROW_KERNELS[(rows + W - 1) / W - 1](a, it, s);
 }
 
 }  // namespace
@@ -482,6 +548,10 @@ void attend_tile(const Args &a, const Item &it, Scratch &s) {
 extern "C" {
 
 int modgen_head_dim() { return HEAD_DIM; }
+
+// The instruction set this library was compiled for, and its vector width in floats.
+const char *modgen_isa() { return MODGEN_ISA; }
+int modgen_vector_width() { return W; }
 
 // Writes this step's K/V (when call->k is set), then attends. Returns 0, or 1 when the head
 // grouping does not fit a tile (hq / hkv > MAX_ROWS).
@@ -499,7 +569,7 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
     const int64_t qlen = a.query_start[b + 1] - a.query_start[b];
     for (int32_t q0 = 0; q0 < qlen; q0 += tq) {
       const int32_t nq = qlen - q0 < tq ? static_cast<int32_t>(qlen - q0) : tq;
-      if (merge_heads && nq * a.hq < KT) {
+      if (merge_heads && nq * a.hq < DECODE_ROWS) {
         items.push_back({static_cast<int32_t>(b), 0, q0, nq, static_cast<int32_t>(a.hkv)});
       } else {
         for (int32_t h = 0; h < a.hkv; ++h)
@@ -542,9 +612,8 @@ void modgen_rms_norm_f32(const float *x, const float *residual, float *residual_
     }
     vf sq = vf{};
     int64_t c = 0;
-    for (; c + KT <= cols; c += KT) {
-      vf v;
-      std::memcpy(&v, h + c, sizeof(v));
+    for (; c + W <= cols; c += W) {
+      const vf v = load(h + c);
       sq += v * v;
     }
     float total = hsum(sq);
@@ -563,12 +632,9 @@ void modgen_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t
     const float *u = g + inter;
     float *o = out + r * inter;
     int64_t c = 0;
-    for (; c + KT <= inter; c += KT) {
-      vf gv, uv;
-      std::memcpy(&gv, g + c, sizeof(gv));
-      std::memcpy(&uv, u + c, sizeof(uv));
-      const vf res = gv / (1.0f + vexp(vf{} - gv)) * uv;
-      std::memcpy(o + c, &res, sizeof(res));
+    for (; c + W <= inter; c += W) {
+      const vf gv = load(g + c);
+      store(o + c, gv / (1.0f + vexp(vf{} - gv)) * load(u + c));
     }
     for (; c < inter; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
   }
@@ -582,9 +648,8 @@ extern "C" void modgen_argmax_f32(const float *x, int64_t *out, int64_t rows, in
     const float *row = x + r * cols;
     vf best = vf{} - std::numeric_limits<float>::infinity();
     int64_t c = 0;
-    for (; c + KT <= cols; c += KT) {
-      vf v;
-      std::memcpy(&v, row + c, sizeof(v));
+    for (; c + W <= cols; c += W) {
+      const vf v = load(row + c);
       best = v > best ? v : best;
     }
     float m = hmax(best);

@@ -41,7 +41,8 @@ LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 16), (8, 2, 64), (6, 6, 40), (16, 1, 32)])
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("lens", LENS)
-def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens):
+@pytest.mark.parametrize("isa", cpu.machine_isas())
+def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens, isa):
     batch, num_slots = random_batch(*LENS[lens], block_size, seed=1)
     q, k, v, rope = qkv_rope(batch.num_tokens, hq, hkv, d)
     gen = torch.Generator().manual_seed(2)
@@ -51,7 +52,7 @@ def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens
     want = ref.forward(
         rotate(q, *rope), rotate(k, *rope), v, ref_cache, batch, ref.prepare(batch), 0.3, window
     )
-    attn = registry.build("attention", {"name": "cpu"})
+    attn = registry.build("attention", {"name": "cpu", "isa": isa})
     got = attn.forward(q, k, v, cache, batch, attn.prepare(batch), 0.3, window, rope=rope)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(cache, ref_cache, strict=True):  # the same K/V written, same slots
@@ -242,3 +243,18 @@ def test_cpu_linear_weights_are_stored_input_major(checkpoints):
                    "model.num_attention_heads=4"],
     ).engine.model  # fmt: skip
     assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.is_contiguous()
+
+
+def test_one_openmp_runtime_in_the_process():
+    """The kernels run on torch's OpenMP runtime: loading them maps no second one (two runtimes
+    would keep two thread pools spinning against each other)."""
+    for isa in cpu.machine_isas():
+        cpu.load(64, isa)
+    assert cpu.openmp_runtime() is not None  # exactly one OpenMP library is mapped
+
+
+@pytest.mark.parametrize("isa", cpu.machine_isas())
+def test_each_build_reports_its_instruction_set(isa):
+    lib = cpu.load(64, isa)
+    assert lib.modgen_isa().decode() == isa
+    assert lib.modgen_vector_width() == {"avx512": 16, "avx2": 8}.get(isa, 4)

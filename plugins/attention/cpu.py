@@ -23,9 +23,25 @@ class CpuAttention(AttentionBackend):
 
     @dataclass(kw_only=True)
     class Config(AttentionConfig):
-        """The CPU kernel has no settings."""
+        """CPU kernel settings."""
 
+        isa: str = "auto"
+        """Instruction set of the kernel build: auto (the widest this CPU runs), avx512, avx2,
+        sse, neon or generic; each has its own vector width and register blocking."""
+
+        def __post_init__(self) -> None:
+            if self.isa != "auto" and self.isa not in cpu.ISA_FLAGS:
+                raise ValueError(
+                    f"attention.isa must be auto or one of {list(cpu.ISA_FLAGS)}, got {self.isa!r}"
+                )
+
+    config: Config
     fuses_rope = True
+
+    @property
+    def isa(self) -> str | None:
+        """The kernel build in use (None: the widest this CPU runs)."""
+        return None if self.config.isa == "auto" else self.config.isa
 
     def check(self, spec: AttentionSpec) -> None:
         if spec.device.type != "cpu":
@@ -43,8 +59,12 @@ class CpuAttention(AttentionBackend):
                 f"attention=cpu cannot group {spec.num_heads} query heads over "
                 f"{spec.num_kv_heads} KV heads (groups of at most 64)"
             )
+        if self.isa is not None and self.isa not in cpu.machine_isas():
+            raise ValueError(
+                f"attention.isa={self.isa} does not run on this CPU; it runs {cpu.machine_isas()}"
+            )
         try:
-            cpu.load(spec.head_dim)  # build now, so a missing compiler shows before serving
+            cpu.load(spec.head_dim, self.isa)  # build now: a missing compiler shows before serving
         except cpu.KernelBuildError as err:
             raise ValueError(str(err)) from err
 
@@ -65,4 +85,5 @@ class CpuAttention(AttentionBackend):
             sliding_window,
             new_kv=(k, v, batch.slot_mapping),
             rope=rope,
+            isa=self.isa,
         )
