@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from modgen.machine import machine_line
+
 SMALL = [
     "workload.num_requests=4",
     "workload.prompt_len=[8,40]",
@@ -25,7 +27,9 @@ def test_main_job_prints_table_and_writes_results(tmp_path):
     assert res.returncode == 0, res.stderr
     for row in ("requests", "generated tokens", "TTFT p50 / p95 / p99", "TPOT p50 / p95 / p99"):
         assert row in res.stdout
+    assert machine_line() in res.stdout  # every figure names its machine
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["cpu"] in results["summary"]["machine"]
     assert results["summary"]["requests"] == 4
     assert results["summary"]["scheduler"] == "splitfuse"
     for r in results["requests"]:

@@ -229,6 +229,8 @@ def summary_table(s: dict[str, Any], title: str) -> str:
                 f"{s['steps']} / {s.get('step_tokens_mean', 0):.1f} / {s.get('preemptions', 0)}",
             )
         )
+    if "machine" in s:
+        rows.append(("machine", s["machine"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from modgen import machine
 from modgen.bench.metrics import RequestRecord, record_dict
 from modgen.bench.roofline import Shape, roofline
 
@@ -23,10 +24,12 @@ def scheduler_name(root: DictConfig) -> str:
 def roofline_summary(
     root: DictConfig, records: list[RequestRecord], steps: int, wall_time: float
 ) -> dict[str, Any]:
-    """The run's FLOPs, bytes, machine bound and efficiency (see modgen.bench.roofline)."""
+    """The machine the run was measured on, and the run's FLOPs, bytes, machine bound and
+    efficiency (see modgen.bench.roofline)."""
     shape = Shape.from_model_config(root.model)
     done = [(r.prompt_tokens, r.output_tokens) for r in records if r.ok]
-    return {f"roofline_{k}": v for k, v in roofline(shape, done, steps, wall_time).items()}
+    bound = roofline(shape, done, steps, wall_time)
+    return {"machine": machine.machine_line(), **{f"roofline_{k}": v for k, v in bound.items()}}
 
 
 def write_results(
@@ -38,6 +41,7 @@ def write_results(
 ) -> Path:
     """Write results.json into the run directory and return its path."""
     results = {
+        "machine": machine.cpu_info(),
         "config": OmegaConf.to_container(root, resolve=True),
         "summary": summary,
         "requests": [record_dict(r) for r in records],

@@ -1,0 +1,79 @@
+"""What machine a figure was measured on: CPU model, vector extensions, threads, torch.
+
+Every benchmark result carries this (results.json's ``machine``, the summary table's machine
+row, the peers table), so figures from different CPUs are never read as one; the calibration
+cache is keyed by its fingerprint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VECTOR_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2",
+)  # fmt: skip
+"""The vector extensions worth naming beside a CPU figure (Linux /proc/cpuinfo spelling)."""
+
+
+def cache_root() -> Path:
+    """modgen's cache directory (``MODGEN_CACHE``, default ``~/.cache/modgen``)."""
+    return Path(os.environ.get("MODGEN_CACHE", Path.home() / ".cache" / "modgen"))
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_info() -> dict[str, Any]:
+    """This CPU and the software around it: model name, family/model, vector extensions, cores,
+    torch threads, torch version and torch's CPU capability."""
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    family, model = info.get("cpu family"), info.get("model")
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "vendor": info.get("vendor_id") or info.get("CPU implementer", ""),
+        "family_model": f"{family}/{model}" if family and model else "",
+        "arch": platform.machine(),
+        "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """One line naming the machine, e.g. ``AMD EPYC (family/model 25/17; avx2 fma avx512f ...);
+    2 threads; torch 2.13.0+cpu (AVX512)``."""
+    i = info or cpu_info()
+    fm = f"family/model {i['family_model']}; " if i.get("family_model") else ""
+    return (
+        f"{i['cpu']} ({fm}{' '.join(i['vector_extensions']) or 'no vector extensions named'}); "
+        f"{i['threads']} threads; torch {i['torch']} ({i['torch_cpu_capability']})"
+    )
+
+
+def fingerprint() -> str:
+    """A short hash of what makes timings on this machine comparable: CPU, extensions, threads,
+    torch and its CPU capability."""
+    return hashlib.sha256(json.dumps(cpu_info(), sort_keys=True).encode()).hexdigest()[:16]
