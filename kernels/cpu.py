@@ -119,6 +119,12 @@ def _build(cxx: str, flags: list[str], link: list[str], lib_path: Path) -> None:
 
 
 @cache
+def source_hash() -> str:
+    """A short hash of the kernel source (names the code a calibration measured)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+@cache
 def load(head_dim: int = 64, isa: str | None = None) -> ctypes.CDLL:
     """The kernel library for ``head_dim`` and instruction set ``isa`` (default: the widest this
     CPU runs), built if it is not cached yet. The element-wise kernels work whatever head dim the

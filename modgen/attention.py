@@ -48,6 +48,16 @@ class AttentionBackend(ABC):
     def check(self, spec: AttentionSpec) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError saying why this backend cannot serve ``spec``; pass if it can."""
 
+    @classmethod
+    def variants(cls, spec: AttentionSpec) -> list[dict[str, Any]]:
+        """Settings of this backend worth measuring against each other for ``spec`` (as config
+        overrides; ``attention=auto`` times each). Default: the backend's defaults alone."""
+        return [{}]
+
+    def version(self) -> str:
+        """Names the code this backend runs, so a calibration is redone when it changes."""
+        return ""
+
     @abstractmethod
     def prepare(self, batch: RaggedBatch) -> Any:
         """Per-step metadata shared by every layer (index tensors, masks)."""

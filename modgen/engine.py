@@ -41,8 +41,8 @@ class StepStats:
 
 def describe_attention(attn: Any) -> str:
     """The backend's name, with the one ``attention=auto`` chose."""
-    chosen = getattr(attn, "chosen", None)
-    return attn.registry_name + (f" ({chosen.registry_name})" if chosen is not None else "")
+    chosen = getattr(attn, "chosen_label", None)
+    return attn.registry_name + (f" ({chosen})" if chosen is not None else "")
 
 
 class Engine:
@@ -60,8 +60,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.model, self.kv, self.scheduler, self.executor = model, kv, scheduler, executor
         self.tokenizer = tokenizer
-        on_cpu = torch.device(model.device).type == "cpu"
-        self.sampler = Sampler(self.config.seed, cpu_kernels=on_cpu and model.config.cpu_kernels)
+        self.sampler = Sampler(self.config.seed, argmax=model.argmax)
         self.max_model_len = min(
             self.config.max_model_len or model.max_position_embeddings,
             model.max_position_embeddings,

@@ -15,6 +15,9 @@ from modgen.attention import AttentionBackend, AttentionSpec
 from modgen.batch import RaggedBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_LINEAR_LAYOUTS = ("blas", "blas_t", "onednn")
+"""Ways a model may run its linear layers on the CPU (``model.cpu_linear``); ``blas`` is plain
+torch."""
 
 
 @dataclass(kw_only=True)
@@ -28,14 +31,24 @@ class ModelConfig:
     """Weights and activations: float32, bfloat16, float16, or auto (the checkpoint's)."""
     seed: int = 0
     """Seed of the random weights when no checkpoint is given."""
-    cpu_kernels: bool = True
-    """On the CPU in float32, run the element-wise ops a model declares fused (RMSNorm with its
-    residual add, SwiGLU) through modgen's C++ kernels, built with g++ on first use; false, or no
-    compiler (logged), keeps plain torch."""
+    cpu_kernels: bool | None = None
+    """On the CPU in float32, run the element-wise ops a model fuses (RMSNorm with its residual
+    add, SwiGLU, the greedy arg-max) through modgen's C++ kernels, built with g++ on first use:
+    true forces them, false keeps plain torch, null (the default) measures both on this machine
+    and keeps the faster (no compiler: torch, logged)."""
+    cpu_linear: str = "auto"
+    """On the CPU, how linear layers run: blas (torch's F.linear on [out, in] weights), blas_t
+    (weights stored input-major), onednn (weights packed for oneDNN's GEMM), or auto (each layer
+    shape measured on this machine; the faster is kept)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"model.dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
+        if self.cpu_linear not in ("auto", *CPU_LINEAR_LAYOUTS):
+            raise ValueError(
+                f"model.cpu_linear must be auto or one of {list(CPU_LINEAR_LAYOUTS)}, "
+                f"got {self.cpu_linear!r}"
+            )
 
 
 def read_hf_config(checkpoint: str | Path) -> dict[str, Any]:
@@ -87,6 +100,11 @@ class CausalLM(nn.Module, ABC):
         attn_meta: Any,
     ) -> torch.Tensor:
         """Logits ``[len(batch.logits_indices), vocab]`` for the rows that need them."""
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row of ``logits`` [R, vocab] (a model may run it through a
+        faster kernel)."""
+        return logits.argmax(dim=-1)
 
     def attention_spec(self) -> AttentionSpec:
         """What this model asks of its attention backend."""

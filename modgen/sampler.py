@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from modgen.kernels import cpu
 from modgen.sequence import Sequence
 
 
@@ -15,22 +14,14 @@ class Sampler:
     with the request's own generator (seeded requests), so a seed gives the same tokens whatever
     else is in the batch."""
 
-    def __init__(self, seed: int = 0, cpu_kernels: bool = False) -> None:
-        """``cpu_kernels``: take float32 CPU arg-maxes with modgen's C++ kernel (falls back to
-        torch where it cannot be built)."""
+    def __init__(
+        self, seed: int = 0, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """``argmax``: the greedy pick of each row of [R, V] logits (a model's own, e.g. a C++
+        kernel); default torch's."""
         self._default = torch.Generator().manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
-        self._kernels: Any = None
-        if cpu_kernels:
-            try:
-                self._kernels = cpu.load()
-            except cpu.KernelBuildError:
-                self._kernels = None
-
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if self._kernels is not None and logits.device.type == "cpu" and logits.is_contiguous():
-            return cpu.argmax(self._kernels, logits)
-        return logits.argmax(dim=-1)
+        self._argmax = argmax or (lambda logits: logits.argmax(dim=-1))
 
     def forget(self, seq: Sequence) -> None:
         """Drop a finished request's generator."""

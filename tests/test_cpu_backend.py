@@ -10,12 +10,14 @@ import pytest
 import torch
 from test_e2e_hf import GREEDY, SCHEDULES, capture_first_logits
 
-from modgen import LLM, registry
+from modgen import LLM, calibration, registry
 from modgen.attention import AttentionSpec
 from modgen.kernels import cpu
 from modgen.kernels.testing import random_batch
 from modgen.plugins.attention.torch_ref import TorchAttention
+from modgen.plugins.models import ops
 from modgen.plugins.models.llama import rotate
+from modgen.plugins.models.ops import rms_norm
 
 Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
 CTX_LENS = [9, 7, 20, 40, 13, 1, 100]
@@ -135,33 +137,61 @@ def test_kernel_is_built_once_and_cached(monkeypatch, tmp_path):
         cpu.load.cache_clear()
 
 
-def test_auto_chooses_cpu_and_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+def fake_timings(monkeypatch, timings: dict[str, float]) -> None:
+    """Make every calibration measure ``timings`` (per label; others as slow as torch)."""
+
+    def measure(candidates, repeats=5):
+        return {n: timings.get(n, timings["torch"]) for n in candidates}
+
+    monkeypatch.setattr(calibration, "measure", measure)
+
+
+def test_auto_takes_the_fastest_backend_and_keeps_torch_unless_beaten(
+    monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
+    widest = f"cpu/{cpu.machine_isas()[0]}"
+    fake_timings(monkeypatch, {"torch": 10e-3, widest: 4e-3})
     auto = registry.build("attention", {"name": "auto"})
+    with caplog.at_level(logging.INFO):
+        auto.check(spec())
+    assert auto.chosen_label == widest and auto.fuses_rope
+    assert f"{widest} 4 ms" in caplog.text and "torch 10 ms" in caplog.text
+    assert f"-> {widest}" in caplog.text
+    fake_timings(monkeypatch, {"torch": 10e-3, widest: 9.8e-3})  # 2% faster: not enough
+    auto.check(spec(head_dim=32))
+    assert auto.chosen_label == "torch" and not auto.fuses_rope
+    fake_timings(monkeypatch, {"torch": 1.0})  # the first decision is cached, not re-measured
     auto.check(spec())
-    assert auto.chosen.registry_name == "cpu" and auto.fuses_rope
+    assert auto.chosen_label == widest and auto.calibration.cached
+
+
+def test_auto_falls_back_to_torch_and_says_why(monkeypatch, tmp_path, caplog):
+    auto = registry.build("attention", {"name": "auto"})
     with caplog.at_level(logging.INFO, logger="modgen.plugins.attention.auto"):
         auto.check(spec(dtype=torch.bfloat16))
-    assert auto.chosen.registry_name == "torch" and not auto.fuses_rope
-    assert "chose torch; not cpu: attention=cpu computes in float32" in caplog.text
+    assert auto.chosen_label == "torch" and auto.calibration is None  # nothing to measure
+    assert "chose torch; not cpu/" in caplog.text
+    assert "attention=cpu computes in float32" in caplog.text
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("MODGEN_CACHE_DIR", str(tmp_path))
     cpu.load.cache_clear()
     try:
         auto.check(spec())
-        assert auto.chosen.registry_name == "torch"
+        assert auto.chosen_label == "torch"
     finally:
         cpu.load.cache_clear()
 
 
-def test_default_attention_is_auto_and_runs_the_kernel(checkpoints):
+def test_default_attention_is_auto_and_measured(checkpoints):
     llm = LLM("mistral", checkpoint=str(checkpoints["mistral"]))
     attn = llm.engine.executor.attn
-    assert attn.registry_name == "auto" and attn.chosen.registry_name == "cpu"
+    assert attn.registry_name == "auto"
+    assert {"torch", f"cpu/{cpu.machine_isas()[0]}"} <= set(attn.calibration.timings)
+    assert attn.chosen_label == attn.calibration.name
 
 
 def test_fused_rms_norm_and_swiglu_match_torch():
-    from modgen.plugins.models.llama import rms_norm
-
     lib = cpu.load(64)
     gen = torch.Generator().manual_seed(4)
     x, res = torch.randn(2, 37, 100, generator=gen)  # 100 columns: a vector tail too
@@ -194,35 +224,48 @@ def test_argmax_kernel_matches_torch_and_takes_the_first_tie():
     assert cpu.argmax(lib, ties).tolist() == ties.argmax(-1).tolist() == [5, 39, 0]
 
 
-def test_model_uses_fused_ops_only_where_asked_and_able(checkpoints):
-    path = str(checkpoints["llama"])
-    assert LLM("llama", checkpoint=path).engine.model.ops is not None
-    assert (
-        LLM("llama", checkpoint=path, overrides=["model.cpu_kernels=false"]).engine.model.ops
-        is None
-    )
-    assert (
-        LLM("llama", checkpoint=path, overrides=["model.dtype=bfloat16"]).engine.model.ops is None
-    )
+TINY = ["model.num_hidden_layers=1", "model.vocab_size=128", "model.hidden_size=64",
+        "model.intermediate_size=64", "model.num_attention_heads=4"]  # fmt: skip
 
 
-@pytest.mark.parametrize("attention", ["cpu", "torch"])
+def test_model_uses_fused_ops_where_asked_able_or_measured_faster(monkeypatch, tmp_path):
+    def ops(*overrides):
+        return LLM("llama", overrides=[*TINY, *overrides]).engine.model.ops.name
+
+    assert ops("model.cpu_kernels=true") == "cpp"
+    assert ops("model.cpu_kernels=false") == "torch"
+    assert ops("model.cpu_kernels=true", "model.dtype=bfloat16") == "torch"
+    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
+    fake_timings(monkeypatch, {"torch": 1.0, "cpp": 0.5})
+    assert ops() == "cpp"
+    fake_timings(monkeypatch, {"torch": 1.0, "cpp": 2.0})
+    # a new hidden shape is measured again; the arg-max (same vocabulary) stays as cached
+    assert ops("model.intermediate_size=96") == "torch+argmax:cpp"
+    assert ops() == "cpp"  # the first shape's decision is cached
+
+
+# plain torch throughout, or every C++ kernel and the oneDNN linear layout
+PLAIN = ["attention=torch", "model.cpu_kernels=false", "model.cpu_linear=blas"]
+KERNELS = ["attention=cpu", "model.cpu_kernels=true", "model.cpu_linear=onednn"]
+
+
+@pytest.mark.parametrize("path", [KERNELS, PLAIN], ids=["kernels", "plain"])
 @pytest.mark.parametrize("schedule", SCHEDULES[1:4], ids=["sf33", "sf1000", "continuous"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_each_backend_matches_transformers(
-    kind, schedule, attention, checkpoints, prompts, hf_reference
+    kind, schedule, path, checkpoints, prompts, hf_reference
 ):
-    """The default grid (test_e2e_hf) runs attention=auto and the fused ops, i.e. the C++
-    kernels; each backend named explicitly also matches, and the torch reference runs with plain
-    torch ops throughout."""
-    plain = ["model.cpu_kernels=false"] if attention == "torch" else []
+    """The default grid (test_e2e_hf) runs whatever calibration chose; each path forced here
+    matches too: the C++ kernels with oneDNN's GEMM, and plain torch throughout."""
     llm = LLM(
         kind,
         checkpoint=str(checkpoints[kind]),
-        overrides=[*schedule, f"attention={attention}", "kv_allocator.block_size=5", *plain],
+        overrides=[*schedule, *path, "kv_allocator.block_size=5"],
     )
-    assert (llm.engine.model.ops is None) == (attention == "torch")
-    assert llm.engine.executor.attn.registry_name == attention
+    model = llm.engine.model
+    assert model.ops.name == ("cpp" if path is KERNELS else "torch")
+    assert type(model.layers[0].qkv).__name__ == ("OneDNNLinear" if path is KERNELS else "Linear")
+    assert llm.engine.executor.attn.registry_name == path[0].split("=")[1]
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
@@ -230,19 +273,35 @@ def test_each_backend_matches_transformers(
         torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_linear_weights_are_stored_input_major(checkpoints):
-    """Same values, transposed storage (faster CPU GEMMs at small batches); a tied LM head
-    leaves the embedding's rows contiguous."""
-    model = LLM("llama", checkpoint=str(checkpoints["llama"])).engine.model
+@pytest.mark.parametrize("layout", ["blas", "blas_t", "onednn"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_each_linear_layout_computes_what_f_linear_does(layout, bias):
+    gen = torch.Generator().manual_seed(6)
+    lin = torch.nn.Linear(48, 80, bias=bias)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 5, 48, generator=gen)
+    want = torch.nn.functional.linear(x, lin.weight.clone(), None if lin.bias is None else lin.bias)
+    module = ops.with_layout(lin, layout)
+    torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-4)
+    if layout == "blas_t":
+        assert module.weight.stride() == (1, 80)  # [out, in] values, stored input-major
+
+
+def test_forced_linear_layouts_and_a_tied_head(checkpoints):
+    model = LLM(
+        "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=blas_t"]
+    ).engine.model
     qkv = model.layers[0].qkv.weight
     assert qkv.stride() == (1, qkv.shape[0]) and qkv.t().is_contiguous()
-    tied = LLM(
-        "llama",
-        overrides=["model.tie_word_embeddings=true", "model.num_hidden_layers=1",
-                   "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=64",
-                   "model.num_attention_heads=4"],
-    ).engine.model  # fmt: skip
+    tiny = ["model.tie_word_embeddings=true", *TINY]
+    tied = LLM("llama", overrides=[*tiny, "model.cpu_linear=blas_t"]).engine.model
     assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.is_contiguous()
+    packed = LLM("llama", overrides=[*tiny, "model.cpu_linear=onednn"]).engine.model
+    assert type(packed.lm_head).__name__ == "OneDNNLinear" and packed.embed.weight.is_contiguous()
+    with pytest.raises(ValueError, match=r"model.cpu_linear must be auto or one of"):
+        LLM("llama", overrides=[*tiny, "model.cpu_linear=mkl"])
 
 
 def test_one_openmp_runtime_in_the_process():

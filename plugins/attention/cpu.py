@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,6 +68,15 @@ class CpuAttention(AttentionBackend):
             cpu.load(spec.head_dim, self.isa)  # build now: a missing compiler shows before serving
         except cpu.KernelBuildError as err:
             raise ValueError(str(err)) from err
+
+    @classmethod
+    def variants(cls, spec: AttentionSpec) -> list[dict[str, Any]]:
+        """The builds for the two widest instruction sets this CPU runs (on an AVX-512 machine,
+        the AVX2 build can be as fast: some cores split 512-bit operations in two)."""
+        return [{"isa": isa} for isa in cpu.machine_isas()[:2]]
+
+    def version(self) -> str:
+        return cpu.source_hash()
 
     def prepare(self, batch: RaggedBatch) -> None:
         return None

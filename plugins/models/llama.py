@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modgen.attention import AttentionBackend
 from modgen.batch import RaggedBatch
-from modgen.kernels import cpu as cpu_kernels
 from modgen.model import CausalLM, ModelConfig, read_hf_config, resolve_dtype
+from modgen.plugins.models import ops as cpu_ops
+from modgen.plugins.models.ops import TorchOps, rms_norm
 from modgen.registry import register
 from modgen.weights import WeightRule, load_weights
 
@@ -123,13 +123,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     return inv_freq
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as Hugging Face Llama does."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Apply rotary embedding to ``x`` [T, H, D] with ``cos``/``sin`` [T, 1, D]."""
     half = x.shape[-1] // 2
@@ -152,13 +145,10 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(s.hidden_size, 2 * s.intermediate_size, bias=s.mlp_bias)
         self.down = nn.Linear(s.intermediate_size, s.hidden_size, bias=s.mlp_bias)
 
-    def forward(self, h, cos, sin, kv_cache, batch, attn, meta, ops=None):  # h: [T, hidden]
-        """``ops``: the C++ kernel library for fused RMSNorm and SwiGLU, or None for torch."""
+    def forward(self, h, cos, sin, kv_cache, batch, attn, meta, ops: TorchOps):  # h: [T, hidden]
+        """``ops``: the fused RMSNorm and SwiGLU (torch's or the C++ kernels)."""
         s, d = self.s, self.head_dim
-        if ops is None:
-            x = rms_norm(h, self.input_norm, s.rms_norm_eps)
-        else:
-            x, _ = cpu_kernels.rms_norm(ops, h, self.input_norm, s.rms_norm_eps)
+        x, _ = ops.rms_norm(h, self.input_norm, s.rms_norm_eps)
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, s.num_attention_heads, d)
         k = k.view(-1, s.num_key_value_heads, d)
@@ -169,12 +159,8 @@ class DecoderLayer(nn.Module):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             o = attn.forward(q, k, v, kv_cache, batch, meta, d**-0.5, self.window)
         y = self.o_proj(o.reshape(-1, self.q_size))
-        if ops is None:
-            h = h + y
-            gate, up = self.gate_up(rms_norm(h, self.post_norm, s.rms_norm_eps)).chunk(2, dim=-1)
-            return h + self.down(F.silu(gate) * up)
-        x, h = cpu_kernels.rms_norm(ops, y, self.post_norm, s.rms_norm_eps, residual=h)
-        return h + self.down(cpu_kernels.silu_mul(ops, self.gate_up(x)))
+        x, h = ops.rms_norm(y, self.post_norm, s.rms_norm_eps, residual=h)
+        return h + self.down(ops.silu_mul(self.gate_up(x)))
 
 
 @register("model", "llama")
@@ -224,32 +210,35 @@ class LlamaForCausalLM(CausalLM):
             self.init_random(config.seed)
         self.to(device=device, dtype=self.dtype)
         self.inv_freq = inv_freq.to(device)  # float32 whatever the model's dtype
-        on_cpu = torch.device(device).type == "cpu"
-        self.ops = self._cpu_kernels(config) if on_cpu else None
-        if on_cpu:
-            self._weights_input_major()
+        self.ops = cpu_ops.choose_ops(
+            config.cpu_kernels, torch.device(device), self.dtype, s.hidden_size,
+            s.intermediate_size, s.vocab_size,
+        )  # fmt: skip
+        if torch.device(device).type == "cpu":
+            self._cpu_linear_layouts(config.cpu_linear)
         self.eval()
 
-    @torch.no_grad()
-    def _weights_input_major(self) -> None:
-        """Store each linear weight [out, in] as the transpose of a contiguous [in, out] matrix:
-        the same values, but the CPU GEMM then streams the weight without a transposed pass
-        (1.35x faster at 32 rows, the same at 512; docs/notes.md). A weight shared with
-        the embedding keeps its rows contiguous for the lookup."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight is not self.embed.weight:
-                module.weight.data = module.weight.data.t().contiguous().t()
+    def _cpu_linear_layouts(self, setting: str) -> None:
+        """Run each linear layer the way ``model.cpu_linear`` says (``auto``: the layout
+        measured fastest for its shape, at the rows a step feeds it). A tied LM head gets a
+        packed copy or none: the embedding keeps its rows contiguous for the lookup."""
+        tied = self.lm_head.weight is self.embed.weight
+        groups = [(layer, name, (32, 512)) for layer in self.layers
+                  for name in ("qkv", "o_proj", "gate_up", "down")]  # fmt: skip
+        groups.append((self, "lm_head", (32,)))
+        chosen: dict[tuple, str] = {}
+        for owner, name, rows in groups:
+            lin = getattr(owner, name)
+            key = (lin.in_features, lin.out_features, lin.bias is not None, rows)
+            if key not in chosen:
+                chosen[key] = cpu_ops.choose_layout(setting, *key[:3], self.dtype, rows)
+            layout = chosen[key]
+            if tied and name == "lm_head" and layout != "onednn":
+                continue  # F.linear on the embedding's own [vocab, hidden] rows
+            setattr(owner, name, cpu_ops.with_layout(lin, layout))
 
-    def _cpu_kernels(self, config: LlamaShape) -> Any:
-        """On the CPU: the fused C++ kernels when ``model.cpu_kernels`` asks and the dtype is
-        float32; None (plain torch) otherwise."""
-        if not config.cpu_kernels or self.dtype != torch.float32:
-            return None
-        try:
-            return cpu_kernels.load(self.head_dim)
-        except cpu_kernels.KernelBuildError as err:
-            log.info("model.cpu_kernels: falling back to torch ops: %s", err)
-            return None
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.ops.argmax(logits)
 
     def window_of(self, s: LlamaShape) -> int | None:
         """Llama ignores ``sliding_window``; Mistral honours it."""

@@ -1,0 +1,206 @@
+"""How a model runs its linear layers and element-wise ops on the CPU, chosen by measurement.
+
+- Linear layers: ``blas`` (torch's ``F.linear`` on the weight as loaded, [out, in]), ``blas_t``
+  (the same values stored input-major, the transpose of a contiguous [in, out] matrix) or
+  ``onednn`` (the weight reordered once into oneDNN's blocked layout, run by oneDNN's GEMM).
+  Which is fastest depends on the CPU (MKL's GEMM on an AMD EPYC ran at 0.3-0.8x oneDNN's here)
+  and the shape, so ``model.cpu_linear=auto`` measures each layer shape.
+- RMSNorm with its residual add, SwiGLU and the greedy arg-max: modgen's C++ kernels or torch's
+  ops (``model.cpu_kernels``: None measures them against each other).
+
+Every choice goes through ``modgen.calibration`` (plain torch unless another is faster by 3%),
+so the figures that decided it are logged and cached per machine and shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modgen import calibration
+from modgen.kernels import cpu as cpu_kernels
+from modgen.model import CPU_LINEAR_LAYOUTS as LINEAR_LAYOUTS
+
+log = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as Hugging Face Llama does."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class TorchOps:
+    """The element-wise ops in plain torch (the reference; any device and dtype)."""
+
+    name = "torch"
+
+    def rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rms_norm(h), h)`` with ``h = x + residual`` (or ``x``)."""
+        h = x if residual is None else x + residual
+        return rms_norm(h, weight, eps), h
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a packed ``[rows, 2 * inter]`` projection."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The index of each row's largest value."""
+        return logits.argmax(dim=-1)
+
+
+class CppOps(TorchOps):
+    """The same ops through modgen's C++ kernels (float32 on the CPU, one pass each)."""
+
+    name = "cpp"
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return cpu_kernels.rms_norm(self.lib, x, weight, eps, residual)
+
+    def silu_mul(self, gate_up):
+        return cpu_kernels.silu_mul(self.lib, gate_up)
+
+    def argmax(self, logits):
+        if not logits.is_contiguous():
+            return logits.argmax(dim=-1)
+        return cpu_kernels.argmax(self.lib, logits)
+
+
+class MixedOps(TorchOps):
+    """Fused norm and SwiGLU from one implementation, the arg-max from another."""
+
+    def __init__(self, fused: TorchOps, argmax: TorchOps) -> None:
+        self.fused, self._argmax = fused, argmax
+        self.name = f"{fused.name}+argmax:{argmax.name}"
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return self.fused.rms_norm(x, weight, eps, residual)
+
+    def silu_mul(self, gate_up):
+        return self.fused.silu_mul(gate_up)
+
+    def argmax(self, logits):
+        return self._argmax.argmax(logits)
+
+
+def choose_ops(
+    setting: bool | None, device: torch.device, dtype: torch.dtype, hidden: int, inter: int,
+    vocab: int,
+) -> TorchOps:  # fmt: skip
+    """The element-wise ops for a model: torch's off the CPU, outside float32, without a
+    compiler or with ``setting`` False; the C++ kernels with ``setting`` True; measured against
+    each other (fused norm + SwiGLU, and the arg-max, separately) with ``setting`` None."""
+    if setting is False or device.type != "cpu" or dtype != torch.float32:
+        return TorchOps()
+    try:
+        cpp = CppOps(cpu_kernels.load())
+    except cpu_kernels.KernelBuildError as err:
+        log.info("model.cpu_kernels: falling back to torch ops: %s", err)
+        return TorchOps()
+    if setting is True:
+        return cpp
+    torch_ops, version = TorchOps(), cpu_kernels.source_hash()
+    gen = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(512, hidden, generator=gen) for _ in "xr")
+    w, gate_up = torch.ones(hidden), torch.randn(512, 2 * inter, generator=gen)
+    logits = torch.randn(32, vocab, generator=gen)
+
+    def fused(ops: TorchOps) -> Callable[[], Any]:
+        return lambda: (ops.rms_norm(x, w, 1e-5, res), ops.silu_mul(gate_up))
+
+    shape = {"hidden": hidden, "intermediate": inter}
+    runs = {"torch": fused(torch_ops), "cpp": fused(cpp)}
+    f = calibration.choose("rmsnorm+swiglu", shape, runs, "torch", version).name
+    runs = {"torch": lambda: torch_ops.argmax(logits), "cpp": lambda: cpp.argmax(logits)}
+    a = calibration.choose("argmax", {"vocab": vocab}, runs, "torch", version).name
+    pick = {"torch": torch_ops, "cpp": cpp}
+    return pick[f] if f == a else MixedOps(pick[f], pick[a])
+
+
+class OneDNNLinear(nn.Module):
+    """A linear layer whose weight oneDNN reordered once into its blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().contiguous()
+        # an opaque oneDNN tensor: kept as a plain attribute (no state_dict, no .to())
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's packed linear ops for the CPU."""
+    mkldnn = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
+    )
+
+
+@torch.no_grad()
+def with_layout(linear: nn.Linear, layout: str) -> nn.Module:
+    """``linear`` (values unchanged) run the way ``layout`` names."""
+    if layout == "blas":
+        linear.weight.data = linear.weight.data.contiguous()
+        return linear
+    if layout == "blas_t":
+        linear.weight.data = linear.weight.data.t().contiguous().t()
+        return linear
+    if layout == "onednn":
+        return OneDNNLinear(linear)
+    raise ValueError(f"unknown linear layout {layout!r}; layouts: {LINEAR_LAYOUTS}")
+
+
+def choose_layout(
+    setting: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+    rows: tuple[int, ...],
+) -> str:  # fmt: skip
+    """The layout for a CPU linear layer of this shape: ``setting`` unless it is ``auto``, else
+    the fastest of the available layouts over calls of ``rows`` rows each."""
+    if setting != "auto":
+        if setting == "onednn" and not onednn_available():
+            raise ValueError("model.cpu_linear=onednn: this torch has no oneDNN linear ops")
+        return setting
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    xs = [torch.randn(m, in_features, generator=gen).to(dtype) for m in rows]
+    layouts = [x for x in LINEAR_LAYOUTS if x != "onednn" or onednn_available()]
+    runs = {}
+    for layout in layouts:
+        try:
+            module = with_layout(_copy(base), layout)
+        except RuntimeError as err:  # e.g. oneDNN has no fp16 path on this CPU
+            log.info("model.cpu_linear: %s cannot run here: %s", layout, err)
+            continue
+        runs[layout] = (lambda m: lambda: [m(x) for x in xs])(module)
+    shape = {"in": in_features, "out": out_features, "bias": bias,
+             "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
+    with torch.inference_mode():
+        return calibration.choose("linear", shape, runs, "blas").name
+
+
+def _copy(linear: nn.Linear) -> nn.Linear:
+    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    new.load_state_dict(linear.state_dict())
+    return new.to(linear.weight.dtype)
