@@ -53,7 +53,21 @@ constexpr int W = 4, NREG = 16;
 
 namespace {
 
-constexpr int KT = 16;                    // keys per tile
+// Tuning knobs (-D at build time, for experiments; cpu.py builds the defaults): keys per tile,
+// register blocks of the row-vectorised products, key tiles prefetched ahead by decode tiles.
+#ifndef MODGEN_KT
+#define MODGEN_KT 32
+#endif
+#ifndef MODGEN_NJ
+#define MODGEN_NJ 4
+#endif
+#ifndef MODGEN_ND
+#define MODGEN_ND 4
+#endif
+#ifndef MODGEN_PF
+#define MODGEN_PF 2
+#endif
+constexpr int KT = MODGEN_KT;             // keys per tile
 constexpr int MAX_ROWS = 64;              // query rows (query x head) per tile
 constexpr int DECODE_ROWS = 16;           // tiles with fewer rows take the dot-product path
 constexpr int DC = (HEAD_DIM + W - 1) / W;  // head dim in vectors
@@ -61,9 +75,10 @@ constexpr int DP = DC * W;                // head dim padded to whole vectors
 constexpr int RV_MAX = MAX_ROWS / W;      // query rows per tile, in vectors
 // register blocks: products over rows take NJ keys (or ND head-dim elements) x NC row vectors;
 // decode tiles accumulate RB rows x CG head-dim vectors
-constexpr int NJ = 4, ND = 4, NC = NREG >= 32 ? 4 : 2;
+constexpr int NJ = MODGEN_NJ, ND = MODGEN_ND, NC = NREG >= 32 ? 4 : 2;
 constexpr int RB = NREG >= 32 ? 4 : 2;
 constexpr int CG = DC < (NREG / 2) / RB ? DC : (NREG / 2) / RB;
+static_assert(KT % W == 0 && KT % NJ == 0, "a key tile is whole vectors and whole key blocks");
 
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
@@ -244,7 +259,7 @@ inline void prefetch(const float *p) {
 #endif
 }
 
-// Ask for the next key tile's keys and values (KV heads head .. head + nh - 1) while this one is
+// Ask for a later key tile's keys and values (KV heads head .. head + nh - 1) while this one is
 // computed. Decode tiles do little arithmetic per byte and their blocks lie anywhere in memory:
 // this makes them 1.2-1.3x faster once the cache is larger than L3 (docs/notes.md).
 inline void prefetch_tile(const Args &a, const int64_t *table, int64_t head, int64_t nh,
@@ -384,7 +399,8 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
   for (int64_t p0 = lo; p0 < hi; p0 += KT) {
     const int nk = hi - p0 < KT ? static_cast<int>(hi - p0) : KT;
     key_tile(a, table, it.head, p0, nk, kp, vp);
-    if (p0 + KT < hi) prefetch_tile(a, table, it.head, it.nh, p0 + KT, hi);
+    const int64_t ahead = p0 + MODGEN_PF * KT;  // prefetch a few tiles ahead of use
+    if (ahead < hi) prefetch_tile(a, table, it.head, it.nh, ahead, hi);
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
     for (int r = 0; r < rows_pad; ++r) decode_softmax_row(a, s, r, kp, hoff[r], p0, nk, partial);
     for (int c0 = 0; c0 + CG <= DC; c0 += CG)

@@ -61,6 +61,21 @@ def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [24, 80, 96, 128, 256])
+@pytest.mark.parametrize("isa", cpu.machine_isas()[:2])
+def test_kernel_serves_any_head_dim(d, isa):
+    """Head dims of the model families (Phi-2's 80, Gemma's 256...), whole vectors or not."""
+    batch, num_slots = random_batch(*LENS["many"], 16, seed=7)
+    q, k, v, rope = qkv_rope(batch.num_tokens, 8, 2, d, seed=d)
+    cache = [torch.randn(num_slots, 2, d) for _ in range(2)]
+    ref = TorchAttention(TorchAttention.Config())
+    want = ref.forward(rotate(q, *rope), rotate(k, *rope), v, [c.clone() for c in cache], batch,
+                       ref.prepare(batch), d**-0.5, 8)  # fmt: skip
+    attn = registry.build("attention", {"name": "cpu", "isa": isa})
+    got = attn.forward(q, k, v, cache, batch, None, d**-0.5, 8, rope=rope)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_without_rope_or_write_reads_the_cache_as_it_is():
     batch, num_slots = random_batch(Q_LENS, CTX_LENS, 4, seed=3)
     q, _, _, _ = qkv_rope(batch.num_tokens, 8, 2, 32)
