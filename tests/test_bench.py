@@ -161,6 +161,17 @@ def test_uniform_fixed_and_trace_workloads(tmp_path):
         build_workload(name="uniform", prompt_len=[5, 2])
 
 
+def test_mixed_workload_has_its_share_of_long_prompts():
+    reqs = build_workload(name="mixed", num_requests=2000, seed=3).requests(100)
+    long = [len(r.prompt) for r in reqs if len(r.prompt) >= 2000]
+    short = [len(r.prompt) for r in reqs if len(r.prompt) < 2000]
+    assert 0.12 < len(long) / len(reqs) < 0.18
+    assert max(long) <= 3000 and min(short) >= 64 and max(short) <= 256
+    assert {32, 128} >= {min(r.output_len for r in reqs), max(r.output_len for r in reqs)}
+    with pytest.raises(ValueError, match="long_fraction must be in"):
+        build_workload(name="mixed", long_fraction=1.5)
+
+
 def sse(events: list[dict]) -> bytes:
     lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
     return "".join(lines).encode()

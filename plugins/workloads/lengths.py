@@ -1,4 +1,4 @@
-"""Length-distribution workloads: ``synthetic`` (FastGen's), ``uniform`` and ``fixed``."""
+"""Length-distribution workloads: ``synthetic`` (FastGen's), ``uniform``, ``mixed``, ``fixed``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,40 @@ class UniformWorkload(LengthWorkload):
 
     def lengths(self, rng: random.Random) -> tuple[int, int]:
         return rng.randint(*self.config.prompt_len), rng.randint(*self.config.output_len)
+
+
+@register("workload", "mixed")
+class MixedWorkload(LengthWorkload):
+    """Mostly short prompts with a share of long ones (the case Dynamic SplitFuse is for: a long
+    prompt must not stall everyone's generation). Each prompt is long with probability
+    ``long_fraction``; lengths uniform in their range."""
+
+    @dataclass(kw_only=True)
+    class Config(WorkloadConfig):
+        """Short and long prompts mixed."""
+
+        long_fraction: float = 0.15
+        """Probability that a prompt is long."""
+        long_prompt_len: list[int] = field(default_factory=lambda: [2000, 3000])
+        """Long prompts are uniform in [min, max]."""
+        prompt_len: list[int] = field(default_factory=lambda: [64, 256])
+        """Short prompts are uniform in [min, max]."""
+        output_len: list[int] = field(default_factory=lambda: [32, 128])
+        """Output lengths are uniform in [min, max]."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not 0 <= self.long_fraction <= 1:
+                raise ValueError(
+                    f"workload.long_fraction must be in [0, 1], got {self.long_fraction}"
+                )
+            for name in ("long_prompt_len", "prompt_len", "output_len"):
+                _check_range(name, getattr(self, name))
+
+    def lengths(self, rng: random.Random) -> tuple[int, int]:
+        c = self.config
+        prompt = c.long_prompt_len if rng.random() < c.long_fraction else c.prompt_len
+        return rng.randint(*prompt), rng.randint(*c.output_len)
 
 
 @register("workload", "fixed")
