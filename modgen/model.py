@@ -51,6 +51,78 @@ class ModelConfig:
             )
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What the engine, the simulator's cost models and the roofline need of a model, read from
+    its config alone (a preset or a checkpoint's config.json; no weights)."""
+
+    family: str
+    """The model's registry name."""
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    """MLP width (of one expert, for a mixture of experts)."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+    dtype: str
+    """float32, bfloat16 or float16."""
+    gated_mlp: bool = True
+    """Gate and up projections (SwiGLU), or one up projection."""
+    num_experts: int = 0
+    """Experts per MoE layer (0: a dense MLP)."""
+    experts_per_token: int = 0
+    """Experts each token is routed to."""
+    tie_word_embeddings: bool = False
+    checkpoint: str | None = None
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one weight or activation element."""
+        return 4 if self.dtype == "float32" else 2
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def attention_params(self) -> int:
+        """Parameters of one layer's q/k/v/o projections."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.hidden_size * (q + 2 * kv) + q * self.hidden_size
+
+    def mlp_params(self, experts: int = 1) -> int:
+        """Parameters of ``experts`` experts' MLPs (one dense MLP by default) in one layer."""
+        mats = 3 if self.gated_mlp else 2
+        return experts * mats * self.hidden_size * self.intermediate_size
+
+    def active_params_per_token(self) -> int:
+        """Linear-layer parameters one token goes through (without the LM head)."""
+        experts = self.experts_per_token if self.num_experts else 1
+        return self.num_layers * (self.attention_params() + self.mlp_params(experts))
+
+    def layer_weight_bytes(self) -> int:
+        """Bytes of the decoder layers' weights (every expert)."""
+        per_layer = self.attention_params() + self.mlp_params(self.num_experts or 1)
+        return self.num_layers * per_layer * self.dtype_bytes
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight: the layers, the embedding and the LM head."""
+        head = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.layer_weight_bytes() + head * self.dtype_bytes
+
+
+def describe_model(node: Any) -> ModelSpec:
+    """The description of the model a composed ``model`` config node names (no weights)."""
+    from modgen import registry
+
+    config = registry.to_config("model", node)
+    return registry.get("model", config.name).describe(config)
+
+
 def read_hf_config(checkpoint: str | Path) -> dict[str, Any]:
     """The checkpoint's config.json as a dict; a clear error if the directory is not one."""
     path = Path(checkpoint)
@@ -76,6 +148,7 @@ class CausalLM(nn.Module, ABC):
 
     Config = ModelConfig
 
+    spec: ModelSpec
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -90,6 +163,13 @@ class CausalLM(nn.Module, ABC):
         super().__init__()
         self.config = config
         self.device = device
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, config: ModelConfig) -> ModelSpec:
+        """The model's description from its config alone (the checkpoint's config.json when one
+        is named), without building or loading weights: it must take seconds even for a 70B
+        model, since a simulated run needs nothing else."""
 
     @abstractmethod
     def forward(
@@ -119,5 +199,4 @@ class CausalLM(nn.Module, ABC):
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token takes over all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return self.spec.kv_bytes_per_token()

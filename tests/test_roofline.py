@@ -5,7 +5,23 @@ from __future__ import annotations
 import pytest
 
 from modgen.bench import roofline as rf
-from modgen.bench.roofline import Shape, attention_pairs, request_cost
+from modgen.bench.roofline import request_cost
+from modgen.costs import attention_pairs
+from modgen.model import ModelSpec
+
+
+def spec(**kw) -> ModelSpec:
+    return ModelSpec(
+        **{
+            "family": "llama",
+            "vocab_size": 10,
+            "max_position_embeddings": 64,
+            "eos_token_ids": (),
+            "sliding_window": None,
+            "dtype": "float32",
+            **kw,
+        }
+    )
 
 
 def test_attention_pairs_causal_and_windowed():
@@ -17,22 +33,22 @@ def test_attention_pairs_causal_and_windowed():
 
 
 def test_request_cost_counts_linear_head_and_attention():
-    s = Shape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4, vocab=10,
-              window=None, dtype_bytes=4)  # fmt: skip
+    s = spec(num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1,
+             head_dim=4)  # fmt: skip
     # per layer: qkv 8*(8+4+4) + o 8*8 + mlp 3*8*16
-    assert s.linear_params == 2 * (8 * 16 + 64 + 384)
+    assert s.active_params_per_token() == 2 * (8 * 16 + 64 + 384)
     flops, kv_bytes = request_cost(s, prompt=3, output=2)
     tokens = 4  # 3 prompt tokens + 1 generated token fed back
     pairs = 1 + 2 + 3 + 4
-    expected = 2 * s.linear_params * tokens + 2 * 8 * 10 * 2 + 4 * 2 * 2 * 4 * pairs
+    expected = 2 * s.active_params_per_token() * tokens + 2 * 8 * 10 * 2 + 4 * 2 * 2 * 4 * pairs
     assert flops == expected
-    assert kv_bytes == (4 + tokens) * s.kv_bytes_per_token  # decode at pos 3 reads 4 + 4 writes
+    assert kv_bytes == (4 + tokens) * s.kv_bytes_per_token()  # decode at pos 3 reads 4 + 4 writes
 
 
 def test_roofline_efficiency_uses_the_cached_machine(monkeypatch):
     monkeypatch.setattr(rf, "machine", lambda: {"matmul_gflops": 100.0, "memory_gbps": 10.0})
-    s = Shape(layers=1, hidden=64, intermediate=128, heads=4, kv_heads=4, head_dim=16,
-              vocab=100, window=None, dtype_bytes=4)  # fmt: skip
+    s = spec(num_layers=1, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=4,
+             head_dim=16, vocab_size=100)  # fmt: skip
     out = rf.roofline(s, [(100, 10)], steps=10, wall_time=1.0)
     assert out["bound_compute_s"] == pytest.approx(out["flops"] / 100e9)
     assert out["bound_memory_s"] == pytest.approx(out["bytes"] / 10e9)

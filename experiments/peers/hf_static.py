@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 
 from modgen import registry
 from modgen.bench.metrics import RequestRecord, record_dict, summarize, summary_table
-from modgen.bench.roofline import Shape, roofline
+from modgen.bench.roofline import roofline
 from modgen.config import compose_config
+from modgen.model import describe_model
 
 
 class StepClock:
@@ -36,7 +37,7 @@ def run(ckpt: str, out: Path, overrides: list[str], batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     cfg = compose_config([f"model.checkpoint={ckpt}", *overrides])
-    specs = registry.build("workload", cfg.workload).requests(cfg.model.vocab_size)
+    specs = registry.build("workload", cfg.workload).requests(describe_model(cfg.model).vocab_size)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     records, start = [], time.perf_counter()
     for i in range(0, len(specs), batch_size):
@@ -62,13 +63,13 @@ def run(ckpt: str, out: Path, overrides: list[str], batch_size: int) -> dict:
             records.append(RequestRecord(len(s.prompt), s.output_len, start, times, done))
     wall = time.perf_counter() - start
     summary = summarize(records, wall)
-    shape = Shape.from_model_config(cfg.model)
+    spec = describe_model(cfg.model)
     done_reqs = [(r.prompt_tokens, r.output_tokens) for r in records]
     steps = sum(
         max(s.output_len for s in specs[i : i + batch_size])
         for i in range(0, len(specs), batch_size)
     )
-    summary.update({f"roofline_{k}": v for k, v in roofline(shape, done_reqs, steps, wall).items()})
+    summary.update({f"roofline_{k}": v for k, v in roofline(spec, done_reqs, steps, wall).items()})
     summary.update(scheduler=f"hf-static-{batch_size}", target="transformers generate")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(

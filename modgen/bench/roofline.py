@@ -12,90 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from modgen import machine as this_machine
-from modgen.model import read_hf_config
+from modgen.costs import attention_pairs
+from modgen.model import ModelSpec
 
 MEASURE_COMMAND = "python -m modgen.bench.roofline --measure"
 
 
-@dataclass
-class Shape:
-    """What the cost model needs of a Llama-family model."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    window: int | None
-    dtype_bytes: int
-
-    @classmethod
-    def from_model_config(cls, node: Any) -> Shape:
-        """From a composed ``model`` node (the checkpoint's config.json when it names one)."""
-        cfg = dict(node)
-        if cfg.get("checkpoint"):
-            cfg.update(read_hf_config(cfg["checkpoint"]))
-        dtype = {"bfloat16": 2, "float16": 2}.get(str(node.get("dtype")), 4)
-        heads = cfg["num_attention_heads"]
-        return cls(
-            layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            intermediate=cfg["intermediate_size"],
-            heads=heads,
-            kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            vocab=cfg["vocab_size"],
-            window=cfg.get("sliding_window") if cfg.get("name", "mistral") != "llama" else None,
-            dtype_bytes=dtype,
-        )
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters of the per-token linear layers (without the LM head)."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        per_layer = (
-            self.hidden * (q + 2 * kv) + q * self.hidden + 3 * self.hidden * self.intermediate
-        )
-        return self.layers * per_layer
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of all weights (read once per step)."""
-        return (self.linear_params + 2 * self.vocab * self.hidden) * self.dtype_bytes
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV bytes of one token over all layers."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
-
-
-def attention_pairs(start: int, n: int, window: int | None) -> int:
-    """Query-key pairs of ``n`` queries at positions ``start .. start+n-1`` (causal, windowed)."""
-
-    def upto(x: int) -> int:  # pairs of the queries at positions 0 .. x-1
-        if window is None or x <= window:
-            return x * (x + 1) // 2
-        return window * (window + 1) // 2 + (x - window) * window
-
-    return upto(start + n) - upto(start)
-
-
-def request_cost(shape: Shape, prompt: int, output: int) -> tuple[float, float]:
+def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one request run prompt-first then token by token, one step per token."""
     tokens = prompt + max(output - 1, 0)  # the last generated token is never fed back
-    pairs = attention_pairs(0, tokens, shape.window)
-    flops = 2 * shape.linear_params * tokens + 2 * shape.hidden * shape.vocab * output
-    flops += 4 * shape.layers * shape.heads * shape.head_dim * pairs
-    ctx = [min(p + 1, shape.window or p + 1) for p in range(prompt, tokens)]
-    kv_bytes = (sum(ctx) + tokens) * shape.kv_bytes_per_token  # decode reads + every write
+    pairs = attention_pairs(0, tokens, spec.sliding_window)
+    flops = 2 * spec.active_params_per_token() * tokens
+    flops += 2 * spec.hidden_size * spec.vocab_size * output
+    flops += 4 * spec.num_layers * spec.num_heads * spec.head_dim * pairs
+    window = spec.sliding_window
+    ctx = [min(p + 1, window or p + 1) for p in range(prompt, tokens)]
+    kv_bytes = (sum(ctx) + tokens) * spec.kv_bytes_per_token()  # decode reads + every write
     return float(flops), float(kv_bytes)
 
 
@@ -148,7 +85,7 @@ def machine(refresh: bool = False) -> dict[str, Any]:
 
 
 def roofline(
-    shape: Shape, requests: list[tuple[int, int]], steps: int, wall_time: float
+    spec: ModelSpec, requests: list[tuple[int, int]], steps: int, wall_time: float
 ) -> dict[str, Any]:
     """FLOPs, bytes, the machine's bound and the run's efficiency (wall time / bound).
 
@@ -157,10 +94,10 @@ def roofline(
     m = machine()
     flops = bytes_ = 0.0
     for prompt, output in requests:
-        f, b = request_cost(shape, prompt, output)
+        f, b = request_cost(spec, prompt, output)
         flops += f
         bytes_ += b
-    bytes_ += steps * shape.weight_bytes
+    bytes_ += steps * spec.weight_bytes()
     compute_s = flops / (m["matmul_gflops"] * 1e9)
     memory_s = bytes_ / (m["memory_gbps"] * 1e9)
     bound = max(compute_s, memory_s)

@@ -13,7 +13,7 @@ from torch import nn
 
 from modgen.attention import AttentionBackend
 from modgen.batch import RaggedBatch
-from modgen.model import CausalLM, ModelConfig, read_hf_config, resolve_dtype
+from modgen.model import CausalLM, ModelConfig, ModelSpec, read_hf_config, resolve_dtype
 from modgen.plugins.models import ops as cpu_ops
 from modgen.plugins.models.ops import TorchOps, rms_norm
 from modgen.registry import register
@@ -173,28 +173,50 @@ class LlamaForCausalLM(CausalLM):
     class Config(LlamaShape):
         """Llama settings; the shape fields apply when no checkpoint is given."""
 
+    @classmethod
+    def shape_of(cls, config: LlamaShape) -> tuple[LlamaShape, list[int], dict[str, Any] | None]:
+        """The architecture (the checkpoint's config.json, else the preset), its end-of-sequence
+        ids, and the checkpoint's config (None without one)."""
+        hf = read_hf_config(config.checkpoint) if config.checkpoint else None
+        if hf is None:
+            return config, [] if config.eos_token_id is None else [config.eos_token_id], None
+        if hf.get("model_type") not in cls.hf_model_types:
+            raise ValueError(
+                f"model '{cls.registry_name}' loads model_type {cls.hf_model_types}, "
+                f"but {config.checkpoint} is '{hf.get('model_type')}'"
+            )
+        s, eos_ids = shape_from_hf(hf, config)
+        return s, eos_ids, hf
+
+    @classmethod
+    def describe(cls, config: LlamaShape) -> ModelSpec:
+        s, eos_ids, hf = cls.shape_of(config)
+        dtype = str(resolve_dtype(config.dtype, hf)).removeprefix("torch.")
+        return ModelSpec(
+            family=cls.registry_name, vocab_size=s.vocab_size,
+            max_position_embeddings=s.max_position_embeddings, eos_token_ids=tuple(eos_ids),
+            num_layers=s.num_hidden_layers, hidden_size=s.hidden_size,
+            intermediate_size=s.intermediate_size, num_heads=s.num_attention_heads,
+            num_kv_heads=s.num_key_value_heads,
+            head_dim=s.head_dim or s.hidden_size // s.num_attention_heads,
+            sliding_window=cls.window_of(s), dtype=dtype,
+            tie_word_embeddings=s.tie_word_embeddings, checkpoint=config.checkpoint,
+        )  # fmt: skip
+
     def __init__(self, config: LlamaShape, device: torch.device) -> None:
         super().__init__(config, device)
-        hf = read_hf_config(config.checkpoint) if config.checkpoint else None
-        if hf is not None:
-            if hf.get("model_type") not in self.hf_model_types:
-                raise ValueError(
-                    f"model '{type(self).registry_name}' loads model_type {self.hf_model_types}, "
-                    f"but {config.checkpoint} is '{hf.get('model_type')}'"
-                )
-            s, eos_ids = shape_from_hf(hf, config)
-        else:
-            s, eos_ids = config, [] if config.eos_token_id is None else [config.eos_token_id]
-        self.shape = s
+        s, _, hf = self.shape_of(config)
+        self.shape, self.spec = s, self.describe(config)
         self.dtype = resolve_dtype(config.dtype, hf)
-        self.num_layers = s.num_hidden_layers
-        self.num_heads = s.num_attention_heads
-        self.num_kv_heads = s.num_key_value_heads
-        self.head_dim = s.head_dim or s.hidden_size // s.num_attention_heads
-        self.vocab_size = s.vocab_size
-        self.max_position_embeddings = s.max_position_embeddings
-        self.sliding_window = self.window_of(s)
-        self.eos_token_ids = eos_ids
+        spec = self.spec
+        self.num_layers, self.num_heads, self.num_kv_heads = (
+            spec.num_layers,
+            spec.num_heads,
+            spec.num_kv_heads,
+        )
+        self.head_dim, self.vocab_size = spec.head_dim, spec.vocab_size
+        self.max_position_embeddings = spec.max_position_embeddings
+        self.sliding_window, self.eos_token_ids = spec.sliding_window, list(spec.eos_token_ids)
         inv_freq = rope_inv_freq(self.head_dim, s.rope_theta, s.rope_scaling)
         self.embed = nn.Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(
@@ -240,7 +262,8 @@ class LlamaForCausalLM(CausalLM):
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return self.ops.argmax(logits)
 
-    def window_of(self, s: LlamaShape) -> int | None:
+    @classmethod
+    def window_of(cls, s: LlamaShape) -> int | None:
         """Llama ignores ``sliding_window``; Mistral honours it."""
         return None
 
@@ -296,5 +319,6 @@ class MistralForCausalLM(LlamaForCausalLM):
     class Config(LlamaShape):
         """Mistral settings; the shape fields apply when no checkpoint is given."""
 
-    def window_of(self, s: LlamaShape) -> int | None:
+    @classmethod
+    def window_of(cls, s: LlamaShape) -> int | None:
         return s.sliding_window
