@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sched_sim import make_scheduler, make_seq
+from sim_engine import make_scheduler, make_seq
 
 from modgen import LLM, SamplingParams, registry
 from modgen.batch import build_ragged_batch

@@ -2,7 +2,8 @@
 
 The engine is not thread-safe, so it is only touched by the loop task: requests and aborts are
 queued and applied between steps, and each step runs in a worker thread so the event loop keeps
-serving connections while the model computes.
+serving connections while the model computes. On a virtual clock (a simulation) steps run
+inline: they take no real time, and the event loop's time is the clock's.
 """
 
 from __future__ import annotations
@@ -142,11 +143,13 @@ class AsyncEngine:
         prompt: list[int] | str,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its output each time it gains tokens (cumulative), the
         last one finished. Bad input raises BadRequestError before anything is yielded; a caller
-        that stops iterating (a client that disconnects) aborts the request and frees its KV."""
-        rid = self.submit(prompt, params or SamplingParams(), request_id)
+        that stops iterating (a client that disconnects) aborts the request and frees its KV.
+        ``arrival_time`` (the engine's clock) defaults to now."""
+        rid = self.submit(prompt, params or SamplingParams(), request_id, arrival_time)
         async with contextlib.aclosing(self.outputs(rid)) as outputs:
             async for out in outputs:
                 yield out
@@ -174,7 +177,11 @@ class AsyncEngine:
                 self.abort(rid)
 
     def submit(
-        self, prompt: list[int] | str, params: SamplingParams, request_id: str | None
+        self,
+        prompt: list[int] | str,
+        params: SamplingParams,
+        request_id: str | None,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue a request for the next step; returns its id (see ``generate``)."""
         if self._closing or (self._task is not None and self._task.done()):
@@ -190,7 +197,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id '{request_id}' is already in use")
         self._streams[request_id] = _Stream()
-        self._pending.append((request_id, prompt, params, time.perf_counter()))
+        arrival = self.engine.clock.now() if arrival_time is None else arrival_time
+        self._pending.append((request_id, prompt, params, arrival))
         self._wake.set()
         self.start()
         return request_id
@@ -247,7 +255,10 @@ class AsyncEngine:
                         await self._wake.wait()
                     continue
                 num_stats = len(self.engine.stats)
-                updated = await asyncio.to_thread(self.engine.step)
+                virtual = self.engine.clock.virtual
+                updated = (
+                    self.engine.step() if virtual else await asyncio.to_thread(self.engine.step)
+                )
                 self._after_step(num_stats)
                 for seq in updated:
                     out = RequestOutput.from_sequence(seq)
@@ -255,6 +266,8 @@ class AsyncEngine:
                         self._close(seq.request_id, out)
                     elif seq.request_id in self._streams:
                         self._streams[seq.request_id].queue.put_nowait(out)
+                if virtual:  # clients and due arrivals see this step before the next one runs
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the step loop broke: no accepted request may hang

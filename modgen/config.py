@@ -34,10 +34,14 @@ class EngineConfig:
     heap_allocations: bool = True
     """On CPU, keep allocations up to 32 MiB on glibc's heap instead of mmap (fewer page faults
     per step; process-wide)."""
+    tensor_parallel: int = 1
+    """Ranks the model is split over (today only executor=sim's cost model uses it)."""
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"engine.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"engine.tensor_parallel must be >= 1, got {self.tensor_parallel}")
 
 
 @dataclass(kw_only=True)
@@ -50,6 +54,10 @@ class RootConfig:
     """The KV allocator (config group ``kv_allocator``)."""
     attention: Any = MISSING
     """The attention backend (config group ``attention``)."""
+    executor: Any = MISSING
+    """What runs each step: the real model, or the simulator (config group ``executor``)."""
+    cost_model: Any = MISSING
+    """How the simulator predicts a step's time (config group ``cost_model``)."""
     scheduler: Any = None
     """The scheduler; chosen with ``+scheduler=NAME``; None means splitfuse."""
     task: Any = MISSING

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +11,12 @@ import torch
 from omegaconf import DictConfig
 
 from modgen import registry
+from modgen.clock import Clock
 from modgen.config import EngineConfig, typed
 from modgen.cpu_tuning import keep_allocations_on_heap
-from modgen.executor import Executor, ModelExecutor
+from modgen.executor import Executor, ExecutorContext
 from modgen.kv import KVAllocator
-from modgen.model import CausalLM
-from modgen.sampler import Sampler
+from modgen.model import ModelSpec, describe_model
 from modgen.sampling_params import BadRequestError, SamplingParams
 from modgen.scheduling import Scheduler, StepPlan
 from modgen.sequence import FinishReason, SeqStatus, Sequence
@@ -37,20 +36,17 @@ class StepStats:
     num_preempted: int
     kv_blocks_used: int
     duration: float
-
-
-def describe_attention(attn: Any) -> str:
-    """The backend's name, with the one ``attention=auto`` chose."""
-    chosen = getattr(attn, "chosen_label", None)
-    return attn.registry_name + (f" ({chosen})" if chosen is not None else "")
+    start: float = 0.0
+    """When the step began (the executor's clock)."""
 
 
 class Engine:
-    """Continuous-batching engine. Knows no policy: the scheduler decides each step."""
+    """Continuous-batching engine. Knows no policy (the scheduler decides each step) and no
+    model (the executor runs steps, for real or simulated, and owns the clock)."""
 
     def __init__(
         self,
-        model: CausalLM,
+        spec: ModelSpec,
         kv: KVAllocator,
         scheduler: Scheduler,
         executor: Executor,
@@ -58,12 +54,12 @@ class Engine:
         config: EngineConfig | None = None,
     ) -> None:
         self.config = config or EngineConfig()
-        self.model, self.kv, self.scheduler, self.executor = model, kv, scheduler, executor
+        self.spec, self.kv, self.scheduler, self.executor = spec, kv, scheduler, executor
+        self.clock: Clock = executor.clock
         self.tokenizer = tokenizer
-        self.sampler = Sampler(self.config.seed, argmax=model.argmax)
         self.max_model_len = min(
-            self.config.max_model_len or model.max_position_embeddings,
-            model.max_position_embeddings,
+            self.config.max_model_len or spec.max_position_embeddings,
+            spec.max_position_embeddings,
         )
         self.requests: dict[str, Sequence] = {}
         self._request_ids = itertools.count()
@@ -79,24 +75,28 @@ class Engine:
         device = _device(engine_cfg.device)
         if device.type == "cpu" and engine_cfg.heap_allocations:
             keep_allocations_on_heap()
-        model = registry.build("model", cfg.model, device=device)
+        spec = describe_model(cfg.model)
         kv_cfg = registry.to_config("kv_allocator", cfg.kv_allocator)
-        num_blocks = kv_cfg.resolve_num_blocks(model.kv_bytes_per_token())
+        num_blocks = kv_cfg.resolve_num_blocks(spec.kv_bytes_per_token())
         kv = registry.build("kv_allocator", kv_cfg, num_blocks)
         sched_node = cfg.scheduler
         if sched_node is None:
             log.info("no scheduler given (+scheduler=NAME); using splitfuse")
             sched_node = {"name": "splitfuse"}
         scheduler = registry.build("scheduler", sched_node, kv)
-        attn = registry.build("attention", cfg.attention)
-        executor = ModelExecutor(model, attn, kv)
-        tokenizer = load_tokenizer(model.config.checkpoint)
-        log.info(
-            "engine: model=%s scheduler=%s kv=%s (%d blocks of %d) attention=%s device=%s",
-            model.registry_name, scheduler.registry_name, kv.registry_name, kv.num_blocks,
-            kv.block_size, describe_attention(attn), device,
+        ctx = ExecutorContext(
+            spec=spec, kv=kv, model=cfg.model, attention=cfg.attention,
+            cost_model=cfg.get("cost_model"), device=device, seed=engine_cfg.seed,
+            tensor_parallel=engine_cfg.tensor_parallel,
         )  # fmt: skip
-        return cls(model, kv, scheduler, executor, tokenizer, engine_cfg)
+        executor = registry.build("executor", cfg.executor, ctx)
+        tokenizer = load_tokenizer(spec.checkpoint)
+        log.info(
+            "engine: model=%s scheduler=%s kv=%s (%d blocks of %d) executor=%s",
+            spec.family, scheduler.registry_name, kv.registry_name, kv.num_blocks,
+            kv.block_size, executor.describe(),
+        )  # fmt: skip
+        return cls(spec, kv, scheduler, executor, tokenizer, engine_cfg)
 
     # requests --------------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class Engine:
             prompt_token_ids=prompt_ids,
             params=params,
             max_total_tokens=min(len(prompt_ids) + params.max_tokens, self.max_model_len),
-            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+            arrival_time=self.clock.now() if arrival_time is None else arrival_time,
         )
         self.scheduler.check(seq)
         return seq
@@ -164,7 +164,7 @@ class Engine:
             raise BadRequestError(
                 "prompt must be a non-empty string or list of token ids", "prompt"
             )
-        vocab = self.model.vocab_size
+        vocab = self.spec.vocab_size
         bad = [
             t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
         ]
@@ -201,8 +201,8 @@ class Engine:
     # the step loop ---------------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Run one forward pass; returns the sequences that gained a token or finished."""
-        t0 = time.perf_counter()
+        """Run one step; returns the sequences that gained a token or finished."""
+        t0 = self.clock.now()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             if self.scheduler.has_work():
@@ -211,21 +211,21 @@ class Engine:
         for chunk in plan.chunks:
             if chunk.seq.metrics.first_scheduled_time is None:
                 chunk.seq.metrics.first_scheduled_time = t0
-        stats = self._step_stats(plan)
-        logits = self.executor.execute(plan)
+        stats = self._step_stats(plan, t0)
         done = [c.seq for c in plan.chunks if c.completes]
+        tokens = self.executor.execute(plan, [self._banned(s) for s in done])
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        tokens = self.sampler.sample(logits, done, [self._banned(s) for s in done])
-        now = time.perf_counter()
+        now = self.clock.now()
         for seq, token in zip(done, tokens, strict=True):
             self._commit(seq, token, now)
         stats.duration = now - t0
         self.stats.append(stats)
         return done
 
-    def _step_stats(self, plan: StepPlan) -> StepStats:
+    def _step_stats(self, plan: StepPlan, start: float) -> StepStats:
         return StepStats(
+            start=start,
             num_tokens=plan.num_tokens,
             num_prefill_tokens=plan.num_prefill_tokens,
             num_decode_tokens=plan.num_decode_tokens,
@@ -236,7 +236,7 @@ class Engine:
         )
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
-        eos = [] if seq.params.ignore_eos else self.model.eos_token_ids
+        eos = [] if seq.params.ignore_eos else list(self.spec.eos_token_ids)
         return [*eos, *seq.params.stop_token_ids]
 
     def _banned(self, seq: Sequence) -> list[int]:
@@ -291,10 +291,9 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.error = reason, error
-        seq.metrics.finish_time = time.perf_counter()
-        self.kv.free(seq.seq_id)
-        self.scheduler.remove(seq)
-        self.sampler.forget(seq)
+        seq.metrics.finish_time = self.clock.now()
+        self.scheduler.finish(seq)  # frees its KV
+        self.executor.release(seq)
         if not seq.text and reason is not FinishReason.ERROR:
             ids = seq.output_token_ids
             if reason is FinishReason.STOP and ids and ids[-1] in self._stop_ids(seq):

@@ -1,50 +1,85 @@
-"""Executors turn a StepPlan into logits: the real one runs a torch model over the paged cache."""
+"""Executors run a StepPlan and give each finishing chunk its next token. They are plugins
+(registry kind ``executor``): ``executor=model`` runs a torch model over the paged KV cache,
+``executor=sim`` predicts the step's time with a cost model on a virtual clock. Each owns the
+clock every timestamp of a run is read from."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from modgen.attention import AttentionBackend
-from modgen.batch import build_ragged_batch
+from modgen.clock import Clock
+from modgen.costs import StepFeatures
 from modgen.kv import KVAllocator
-from modgen.model import CausalLM
+from modgen.model import ModelSpec
 from modgen.scheduling import StepPlan
+from modgen.sequence import Sequence
+
+
+@dataclass(kw_only=True)
+class ExecutorConfig:
+    """Settings every executor has (none yet)."""
+
+
+@dataclass
+class ExecutorContext:
+    """What an executor is built from besides its own config: the run's other components and
+    engine settings (never the root config)."""
+
+    spec: ModelSpec
+    """The model's description."""
+    kv: KVAllocator
+    """The KV allocator whose block tables the steps use."""
+    model: Any
+    """The composed ``model`` config node (an executor that runs a model builds it)."""
+    attention: Any
+    """The ``attention`` config node."""
+    cost_model: Any
+    """The ``cost_model`` config node (an executor that predicts step times builds it)."""
+    device: torch.device
+    seed: int = 0
+    """Sampling seed of requests without a seed of their own."""
+    tensor_parallel: int = 1
 
 
 class Executor(ABC):
-    """Runs one step."""
+    """Runs steps and owns the run's clock."""
+
+    Config = ExecutorConfig
+    clock: Clock
+    """Where every timestamp of the run comes from."""
+
+    def __init__(self, config: ExecutorConfig, ctx: ExecutorContext) -> None:
+        self.config = config
+        self.spec = ctx.spec
+        self.kv = ctx.kv
 
     @abstractmethod
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Logits ``[R, vocab]``, one row per chunk that completes its sequence, in plan order.
+    def execute(self, plan: StepPlan, banned: list[list[int]]) -> list[int | Exception]:
+        """Run one step. Returns the next token of each chunk that completes its sequence, in
+        plan order, or the exception that failed that row alone; ``banned[i]`` are token ids
+        the i-th of them may not produce (``min_tokens``). Raises if the step failed as a
+        whole. Reads each sequence's ``num_computed`` as its chunk's start: call it before
+        advancing them."""
 
-        Reads each sequence's ``num_computed`` as the chunk's start: call before advancing it.
-        """
+    def release(self, seq: Sequence) -> None:  # noqa: B027 (optional hook)
+        """Forget a finished request's state (a sampling generator, say)."""
+
+    def describe(self) -> str:
+        """A line for the engine's log."""
+        return self.registry_name  # type: ignore[attr-defined]
+
+    def report(self) -> dict[str, Any]:
+        """Figures for the run's results."""
+        return {}
 
 
-class ModelExecutor(Executor):
-    """Owns the KV-cache tensors; builds the ragged batch and runs the model with an attention
-    backend."""
-
-    def __init__(self, model: CausalLM, attn: AttentionBackend, kv: KVAllocator) -> None:
-        attn.check(model.attention_spec())
-        self.model, self.attn, self.kv = model, attn, kv
-        self.device = model.device
-        num_slots = kv.num_blocks * kv.block_size
-        shape = (num_slots, model.num_kv_heads, model.head_dim)
-        with torch.inference_mode():
-            self.kv_caches = [
-                (
-                    torch.zeros(shape, dtype=model.dtype, device=self.device),
-                    torch.zeros(shape, dtype=model.dtype, device=self.device),
-                )
-                for _ in range(model.num_layers)
-            ]
-
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        batch = build_ragged_batch(plan, self.kv, self.device)
-        meta = self.attn.prepare(batch)
-        return self.model(batch, self.kv_caches, self.attn, meta)
+def step_features(plan: StepPlan, window: int | None) -> StepFeatures:
+    """The features of ``plan`` (read before the chunks' sequences advance)."""
+    return StepFeatures.of(
+        [(c.seq.num_computed, c.num_tokens, c.seq.is_decode, c.completes) for c in plan.chunks],
+        window,
+    )

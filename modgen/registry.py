@@ -31,6 +31,8 @@ _BASES: dict[str, str] = {
     "attention": "modgen.attention:AttentionBackend",
     "task": "modgen.task:Task",
     "workload": "modgen.workload:Workload",
+    "executor": "modgen.executor:Executor",
+    "cost_model": "modgen.costs:CostModel",
 }
 # kind -> name -> class
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in _BASES}

@@ -74,8 +74,9 @@ class Scheduler(ABC):
     """Keeps the waiting and running queues and builds a StepPlan each step.
 
     ``waiting`` holds sequences without KV (new, or preempted: these go to the front);
-    ``running`` holds sequences with KV, in admission order. The engine frees a finished
-    sequence's KV and calls ``remove``.
+    ``running`` holds sequences with KV, in admission order. The scheduler owns a sequence's KV
+    from admission until it finishes, is aborted or is preempted: the engine reports the end
+    with ``finish``, which frees it.
     """
 
     Config = SchedulerConfig
@@ -103,8 +104,13 @@ class Scheduler(ABC):
         """Queue a new sequence."""
         self.waiting.append(seq)
 
+    def finish(self, seq: Sequence) -> None:
+        """``seq`` ended (finished, aborted or failed): free its KV and forget it."""
+        self.kv.free(seq.seq_id)
+        self.remove(seq)
+
     def remove(self, seq: Sequence) -> None:
-        """Forget a finished or aborted sequence."""
+        """Take ``seq`` out of the queues (its KV, if any, is the caller's to free)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -245,7 +245,7 @@ TINY = ["model.num_hidden_layers=1", "model.vocab_size=128", "model.hidden_size=
 
 def test_model_uses_fused_ops_where_asked_able_or_measured_faster(monkeypatch, tmp_path):
     def ops(*overrides):
-        return LLM("llama", overrides=[*TINY, *overrides]).engine.model.ops.name
+        return LLM("llama", overrides=[*TINY, *overrides]).engine.executor.model.ops.name
 
     assert ops("model.cpu_kernels=true") == "cpp"
     assert ops("model.cpu_kernels=false") == "torch"
@@ -277,7 +277,7 @@ def test_each_backend_matches_transformers(
         checkpoint=str(checkpoints[kind]),
         overrides=[*schedule, *path, "kv_allocator.block_size=5"],
     )
-    model = llm.engine.model
+    model = llm.engine.executor.model
     assert model.ops.name == ("cpp" if path is KERNELS else "torch")
     assert type(model.layers[0].qkv).__name__ == ("OneDNNLinear" if path is KERNELS else "Linear")
     assert llm.engine.executor.attn.registry_name == path[0].split("=")[1]
@@ -307,13 +307,13 @@ def test_each_linear_layout_computes_what_f_linear_does(layout, bias):
 def test_forced_linear_layouts_and_a_tied_head(checkpoints):
     model = LLM(
         "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=blas_t"]
-    ).engine.model
+    ).engine.executor.model
     qkv = model.layers[0].qkv.weight
     assert qkv.stride() == (1, qkv.shape[0]) and qkv.t().is_contiguous()
     tiny = ["model.tie_word_embeddings=true", *TINY]
-    tied = LLM("llama", overrides=[*tiny, "model.cpu_linear=blas_t"]).engine.model
+    tied = LLM("llama", overrides=[*tiny, "model.cpu_linear=blas_t"]).engine.executor.model
     assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.is_contiguous()
-    packed = LLM("llama", overrides=[*tiny, "model.cpu_linear=onednn"]).engine.model
+    packed = LLM("llama", overrides=[*tiny, "model.cpu_linear=onednn"]).engine.executor.model
     assert type(packed.lm_head).__name__ == "OneDNNLinear" and packed.embed.weight.is_contiguous()
     with pytest.raises(ValueError, match=r"model.cpu_linear must be auto or one of"):
         LLM("llama", overrides=[*tiny, "model.cpu_linear=mkl"])

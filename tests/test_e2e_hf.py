@@ -24,7 +24,7 @@ SCHEDULES = [
 def capture_first_logits(llm: LLM) -> dict[str, torch.Tensor]:
     """Record each request's logits when its first token is sampled."""
     captured: dict[str, torch.Tensor] = {}
-    sample = llm.engine.sampler.sample
+    sample = llm.engine.executor.sampler.sample
 
     def spy(logits, seqs, banned):
         for row, seq in zip(logits, seqs, strict=True):
@@ -32,7 +32,7 @@ def capture_first_logits(llm: LLM) -> dict[str, torch.Tensor]:
                 captured[seq.request_id] = row.float().clone()
         return sample(logits, seqs, banned)
 
-    llm.engine.sampler.sample = spy
+    llm.engine.executor.sampler.sample = spy
     return captured
 
 
@@ -62,7 +62,7 @@ def test_greedy_matches_transformers(
 def test_mistral_window_is_shorter_than_prompts(checkpoints, prompts):
     """The sliding window really is exercised: it is shorter than most prompts."""
     llm = LLM("mistral", checkpoint=str(checkpoints["mistral"]))
-    window = llm.engine.model.sliding_window
+    window = llm.engine.executor.model.sliding_window
     assert window is not None
     assert sum(len(p) > window for p in prompts) >= 5
 
@@ -101,7 +101,7 @@ def test_sharded_checkpoint_loads_the_same(ckpt_dir, prompts):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_loads_and_tracks_fp32(dtype, checkpoints, prompts, hf_reference):
     llm = LLM("llama", checkpoint=str(checkpoints["llama"]), overrides=[f"model.dtype={dtype}"])
-    assert llm.engine.model.dtype == getattr(torch, dtype)
+    assert llm.engine.executor.model.dtype == getattr(torch, dtype)
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts[:3], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     for out, (_, ref_logits) in zip(outs, hf_reference["llama"], strict=False):

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from sim_engine import COST, SPEC
 
 from modgen import registry
 from modgen.config import compose_config
+from modgen.executor import ExecutorContext
+from modgen.model import describe_model
 from modgen.scheduling import Scheduler, SchedulerConfig
 
 SMALL_ENOUGH_TO_BUILD = {"model": {"mistral", "llama"}}
@@ -55,6 +59,18 @@ def test_compose_every_option_of_every_group(kind, option):
         )
     elif kind == "kv_allocator":
         assert isinstance(registry.build(kind, config, 8), cls)
+    elif kind == "cost_model" and option == "profiled":  # composes; building needs a profile
+        with pytest.raises(FileNotFoundError, match="task=profile"):
+            registry.build(kind, config, SPEC)
+    elif kind == "cost_model":
+        assert isinstance(registry.build(kind, config, SPEC), cls)
+    elif kind == "executor":
+        kv = registry.build("kv_allocator", {"name": "blocked"}, 64)
+        node = {"name": "mistral", "num_hidden_layers": 1}
+        ctx = ExecutorContext(spec=describe_model(node), kv=kv, model=node,
+                              attention={"name": "torch"}, cost_model=COST,
+                              device=torch.device("cpu"))  # fmt: skip
+        assert isinstance(registry.build(kind, config, ctx), cls)
     else:
         assert isinstance(registry.build(kind, config), cls)
 
@@ -95,7 +111,7 @@ def test_register_rejects_duplicates_and_wrong_base_classes():
 def test_failed_lookup_lists_what_exists():
     with pytest.raises(registry.RegistryError, match="continuous, splitfuse, static"):
         registry.get("scheduler", "splitfuze")
-    with pytest.raises(registry.RegistryError, match="kinds: attention, kv_allocator, model"):
+    with pytest.raises(registry.RegistryError, match="kinds: attention, cost_model, executor, kv_allocator, model"):
         registry.names("schedulers")
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from sched_sim import make_seq
+from sim_engine import make_seq
 
 from modgen import LLM, SamplingParams
 from modgen.sampler import Sampler
@@ -110,7 +110,7 @@ def test_stop_token_ids_min_tokens_and_max_tokens(llm, prompts):
 
 
 def test_eos_stops_unless_ignored(llm, prompts):
-    eos = llm.engine.model.eos_token_ids[0]
+    eos = llm.engine.spec.eos_token_ids[0]
     ids = llm.generate([prompts[2]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     run = ids[0].token_ids
     out = llm.generate([prompts[2]], SamplingParams(max_tokens=40, temperature=0))[0]

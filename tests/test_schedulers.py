@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sched_sim import make_scheduler, make_seq, run
+from sim_engine import make_engine, make_scheduler, make_seq, run
 
 from modgen.sampling_params import BadRequestError
 from modgen.sequence import SeqStatus
@@ -17,8 +17,8 @@ requests = st.lists(
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _seqs(reqs):
-    return [make_seq(i, p, g) for i, (p, g, _) in enumerate(reqs)], [a for *_, a in reqs]
+def _requests(reqs):
+    return [(p, g) for p, g, _ in reqs], [a for *_, a in reqs]
 
 
 def _tight_blocks(reqs, block_size, extra):
@@ -34,8 +34,8 @@ def decodes_first(plan) -> bool:
 @SETTINGS
 @given(reqs=requests, budget=st.integers(1, 64), block_size=st.integers(1, 16))
 def test_splitfuse_fills_budget_exactly_with_decodes_first(reqs, budget, block_size):
-    sched, kv = make_scheduler("splitfuse", block_size=block_size, token_budget=budget)
-    seqs, arrivals = _seqs(reqs)
+    engine = make_engine("splitfuse", block_size=block_size, token_budget=budget)
+    requests, arrivals = _requests(reqs)
 
     def on_step(plan, before):
         assert plan.num_tokens <= budget
@@ -44,7 +44,7 @@ def test_splitfuse_fills_budget_exactly_with_decodes_first(reqs, budget, block_s
         assert plan.num_tokens == min(budget, before["decodes"] + before["prompt_tokens"])
         assert plan.num_decode_tokens == min(budget, before["decodes"])
 
-    run(sched, kv, seqs, arrivals, on_step)
+    seqs = run(engine, requests, arrivals, on_step)
     assert all(s.status is SeqStatus.FINISHED for s in seqs)
     assert [s.num_output_tokens for s in seqs] == [g for _, g, _ in reqs]
 
@@ -60,9 +60,9 @@ def test_splitfuse_fills_budget_exactly_with_decodes_first(reqs, budget, block_s
 def test_every_request_finishes_under_kv_pressure(reqs, name, budget, block_size, extra):
     num_blocks = _tight_blocks(reqs, block_size, extra)
     knobs = {"token_budget": budget} if name == "splitfuse" else {}
-    sched, kv = make_scheduler(name, num_blocks=num_blocks, block_size=block_size, **knobs)
-    seqs, arrivals = _seqs(reqs)
-    limit = budget if name == "splitfuse" else sched.config.max_num_batched_tokens
+    engine = make_engine(name, num_blocks=num_blocks, block_size=block_size, **knobs)
+    requests, arrivals = _requests(reqs)
+    limit = budget if name == "splitfuse" else engine.scheduler.config.max_num_batched_tokens
 
     def on_step(plan, before):
         assert plan.num_tokens <= limit
@@ -72,15 +72,14 @@ def test_every_request_finishes_under_kv_pressure(reqs, name, budget, block_size
         if name == "static" and plan.num_prefill_tokens:
             assert before["running"] == 0 or not any(c.seq.num_computed for c in plan.chunks)
 
-    run(sched, kv, seqs, arrivals, on_step)
+    seqs = run(engine, requests, arrivals, on_step)
     assert all(s.status is SeqStatus.FINISHED for s in seqs)
     assert [s.num_output_tokens for s in seqs] == [g for _, g, _ in reqs]
-    assert kv.num_free_blocks == kv.num_blocks
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 def test_preemption_happens_and_recomputes_prompt_plus_output():
-    sched, kv = make_scheduler("splitfuse", num_blocks=6, block_size=4, token_budget=64)
-    seqs = [make_seq(i, 8, 12) for i in range(3)]  # each needs 5 blocks at the end
+    engine = make_engine("splitfuse", num_blocks=6, block_size=4, token_budget=64)
     recomputed = []
 
     def on_step(plan, before):
@@ -88,7 +87,7 @@ def test_preemption_happens_and_recomputes_prompt_plus_output():
             if c.seq.metrics.num_preemptions and c.seq.num_computed == 0:
                 recomputed.append(c.seq.num_pending)
 
-    run(sched, kv, seqs, on_step=on_step)
+    seqs = run(engine, [(8, 12)] * 3, on_step=on_step)  # each needs 5 blocks at the end
     assert sum(s.metrics.num_preemptions for s in seqs) > 0
     assert any(n > 8 for n in recomputed), "a preempted sequence recomputes its output too"
 
@@ -123,14 +122,13 @@ def test_prompt_admitted_only_when_whole_remainder_fits():
 
 
 def test_max_num_seqs_caps_running_sequences():
-    sched, kv = make_scheduler("splitfuse", token_budget=100, max_num_seqs=2)
-    seqs = [make_seq(i, 3, 4) for i in range(5)]
+    engine = make_engine("splitfuse", token_budget=100, max_num_seqs=2)
 
     def on_step(plan, before):
         assert len(plan) <= 2
-        assert len(sched.running) <= 2
+        assert len(engine.scheduler.running) <= 2
 
-    run(sched, kv, seqs, on_step=on_step)
+    run(engine, [(3, 4)] * 5, on_step=on_step)
 
 
 def test_continuous_rejects_requests_longer_than_its_batch():

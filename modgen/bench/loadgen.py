@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 from collections.abc import Callable
 
 from modgen.bench.metrics import RequestRecord
 from modgen.bench.targets import Target
+from modgen.clock import Clock
 from modgen.workload import RequestSpec
 
 
@@ -34,18 +34,29 @@ def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
 
 
 class LoadGenerator:
-    """Drives a Target with a list of requests and returns one record per request, in order."""
+    """Drives a Target with a list of requests and returns one record per request, in order.
 
-    def __init__(self, target: Target, on_done: Callable[[RequestRecord], None] | None = None):
+    Times come from ``clock`` (the target's by default): on a virtual clock's event loop the
+    same closed and open loops run in simulated time."""
+
+    def __init__(
+        self,
+        target: Target,
+        on_done: Callable[[RequestRecord], None] | None = None,
+        clock: Clock | None = None,
+    ):
         self.target = target
         self.on_done = on_done
+        self.clock = clock or target.clock
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def _one(self, spec: RequestSpec, rec: RequestRecord) -> None:
+    async def _one(self, spec: RequestSpec, rec: RequestRecord, due: float | None = None) -> None:
+        """Send now; ``due`` is when the request was meant to arrive (an open loop's schedule):
+        its latencies count from then, even if the event loop was busy."""
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        rec.send_time = time.perf_counter()
+        rec.send_time = self.clock.now() if due is None else due
         try:
             await self.target.send(spec, rec)
         finally:
@@ -75,13 +86,13 @@ class LoadGenerator:
     async def open_loop(self, specs: list[RequestSpec], times: list[float]) -> list[RequestRecord]:
         """Send ``specs[i]`` at ``times[i]`` seconds after the start, whatever is in flight."""
         records = self._records(specs)
-        start = time.perf_counter()
+        start = self.clock.now()
 
         async def at(delay: float, spec: RequestSpec, rec: RequestRecord) -> None:
-            wait = start + delay - time.perf_counter()
+            wait = start + delay - self.clock.now()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await self._one(spec, rec)
+            await self._one(spec, rec, due=start + delay)
 
         await asyncio.gather(*(at(t, s, r) for t, s, r in zip(times, specs, records, strict=True)))
         return records

@@ -12,27 +12,35 @@ from abc import ABC, abstractmethod
 
 from modgen.async_engine import AsyncEngine
 from modgen.bench.metrics import RequestRecord
+from modgen.clock import Clock, WallClock
 from modgen.sampling_params import SamplingParams
 from modgen.workload import RequestSpec
 
 
 class Target(ABC):
-    """Sends one request and fills in its record as tokens arrive."""
+    """Sends one request and fills in its record as tokens arrive, by its ``clock``."""
+
+    clock: Clock = WallClock()
 
     @abstractmethod
     async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
-        """Stream ``spec``; set ``rec.token_times``, ``finish_time`` and ``error``."""
+        """Stream ``spec``; set ``rec.token_times``, ``finish_time`` and ``error``.
+        ``rec.send_time`` is when the request was due (its arrival)."""
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections or the engine loop."""
 
 
 class EngineTarget(Target):
-    """The in-process engine, through the same streaming interface a server uses."""
+    """The in-process engine, through the same streaming interface a server uses; times come
+    from the engine's clock (virtual in a simulation)."""
 
-    def __init__(self, engine: AsyncEngine, temperature: float = 0.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, temperature: float = 0.0, clock: Clock | None = None
+    ) -> None:
         self.engine = engine
         self.temperature = temperature
+        self.clock = clock or engine.engine.clock
 
     async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
         params = SamplingParams(
@@ -43,8 +51,9 @@ class EngineTarget(Target):
         )
         seen = 0
         try:
-            async for out in self.engine.generate(spec.prompt, params):
-                now = time.perf_counter()
+            stream = self.engine.generate(spec.prompt, params, arrival_time=rec.send_time)
+            async for out in stream:
+                now = self.clock.now()
                 new = len(out.token_ids) - seen
                 rec.token_times.extend([now] * new)
                 seen += new
@@ -52,7 +61,7 @@ class EngineTarget(Target):
                     rec.error = out.error
         except Exception as exc:
             rec.error = f"{type(exc).__name__}: {exc}"
-        rec.finish_time = time.perf_counter()
+        rec.finish_time = self.clock.now()
 
     async def close(self) -> None:
         await self.engine.shutdown()

@@ -5,10 +5,8 @@ FastGen's effective throughput and vLLM-style goodput."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,14 @@ from modgen.bench.metrics import (
     RequestRecord,
     SLAConfig,
     summarize,
-    summarize_steps,
     summary_table,
 )
-from modgen.bench.roofline import Shape
 from modgen.bench.targets import EngineTarget, OpenAITarget, Target
 from modgen.engine import Engine
+from modgen.model import describe_model
 from modgen.registry import register
 from modgen.task import Task, TaskConfig
-from modgen.tasks.results import roofline_summary, scheduler_name, write_results
+from modgen.tasks.results import engine_summary, roofline_summary, scheduler_name, write_results
 from modgen.workload import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -87,22 +84,26 @@ class BenchTask(Task):
         c = self.config
         engine = None
         if c.url:
-            vocab = Shape.from_model_config(root.model).vocab  # the checkpoint's, if one is named
+            if root.executor.name != "model":
+                raise ValueError(
+                    f"task.url measures a real server; executor={root.executor.name} drives the "
+                    "in-process engine only (drop task.url)"
+                )
+            vocab = describe_model(root.model).vocab_size  # the checkpoint's, if one is named
             target: Target = OpenAITarget(
                 c.url, c.served_model, c.api_key, c.temperature, c.reuse_connections
             )
         else:
             engine = Engine.from_config(root)
-            vocab = engine.model.vocab_size
+            vocab = engine.spec.vocab_size
             target = EngineTarget(AsyncEngine(engine), c.temperature)
         specs = registry.build("workload", root.workload).requests(vocab)
-        records, wall = asyncio.run(self._drive(target, specs, engine))
+        records, wall = target.clock.run(self._drive(target, specs, engine))
         summary = summarize(records, wall, c.sla, c.goodput)
         steps = engine.stats if engine else None
-        summary.update(roofline_summary(root, records, len(steps or []), wall))
+        summary.update(roofline_summary(root, records, len(steps or []), wall, engine))
         if engine:
-            summary.update(summarize_steps(engine.stats, engine.kv.num_blocks))
-            summary["model"] = engine.model.registry_name
+            summary.update(engine_summary(engine))
         summary.update(
             scheduler=scheduler_name(root) if engine else "external",
             target=c.url or "in-process",
@@ -128,7 +129,7 @@ class BenchTask(Task):
             total = sum(s.output_len for s in specs)
             with tqdm(total=total, desc="bench", unit="tok", disable=None, file=sys.stdout) as bar:
                 gen = LoadGenerator(target, on_done=lambda r: bar.update(r.output_tokens))
-                start = time.perf_counter()
+                start = gen.clock.now()
                 if c.mode == "closed":
                     records = await gen.closed_loop(specs, c.clients)
                 else:
@@ -138,7 +139,7 @@ class BenchTask(Task):
                         else arrival_times(len(specs), c.rate, c.burstiness, c.seed)
                     )
                     records = await gen.open_loop(specs, times)
-                wall = time.perf_counter() - start
+                wall = gen.clock.now() - start
             log.info("max requests in flight: %d", gen.max_in_flight)
             return records, wall
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from modgen import registry
-from modgen.bench.metrics import RequestRecord, summarize, summarize_steps, summary_table
+from modgen.bench.metrics import RequestRecord, summarize, summary_table
 from modgen.engine import Engine
 from modgen.registry import register
 from modgen.sampling_params import SamplingParams
 from modgen.task import Task, TaskConfig
-from modgen.tasks.results import roofline_summary, scheduler_name, write_results
+from modgen.tasks.results import engine_summary, roofline_summary, scheduler_name, write_results
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ class GenerateTask(Task):
 
     def run(self, root: DictConfig, output_dir: Path) -> dict[str, Any]:
         engine = Engine.from_config(root)
-        specs = registry.build("workload", root.workload).requests(engine.model.vocab_size)
-        start = time.perf_counter()
+        specs = registry.build("workload", root.workload).requests(engine.spec.vocab_size)
+        start = engine.clock.now()
         seqs = []
         for spec in specs:
             n = spec.output_len
@@ -53,7 +52,7 @@ class GenerateTask(Task):
         with tqdm(total=total, desc="tokens", unit="tok", disable=None, file=sys.stdout) as bar:
             while engine.has_unfinished():
                 bar.update(len(engine.step()))
-        wall = time.perf_counter() - start
+        wall = engine.clock.now() - start
         records = [
             RequestRecord(
                 s.num_prompt_tokens,
@@ -66,9 +65,8 @@ class GenerateTask(Task):
             for s in seqs
         ]
         summary = summarize(records, wall)
-        summary.update(summarize_steps(engine.stats, engine.kv.num_blocks))
-        summary.update(roofline_summary(root, records, len(engine.stats), wall))
-        summary.update(scheduler=scheduler_name(root), model=engine.model.registry_name)
+        summary.update(roofline_summary(root, records, len(engine.stats), wall, engine))
+        summary.update(engine_summary(engine), scheduler=scheduler_name(root))
         print(summary_table(summary, f"generate: {summary['model']} / {summary['scheduler']}"))
         write_results(output_dir, root, summary, records, engine.stats)
         return summary

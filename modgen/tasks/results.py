@@ -10,8 +10,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from modgen import machine
-from modgen.bench.metrics import RequestRecord, record_dict
-from modgen.bench.roofline import Shape, roofline
+from modgen.bench.metrics import RequestRecord, record_dict, summarize_steps
+from modgen.bench.roofline import roofline
+from modgen.model import describe_model
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,28 @@ def scheduler_name(root: DictConfig) -> str:
 
 
 def roofline_summary(
-    root: DictConfig, records: list[RequestRecord], steps: int, wall_time: float
+    root: DictConfig,
+    records: list[RequestRecord],
+    steps: int,
+    wall_time: float,
+    engine: Any | None = None,
 ) -> dict[str, Any]:
     """The machine the run was measured on, and the run's FLOPs, bytes, machine bound and
-    efficiency (see modgen.bench.roofline)."""
-    shape = Shape.from_model_config(root.model)
+    efficiency (see modgen.bench.roofline). A simulated run names what it simulated instead:
+    this machine's roofline says nothing about it."""
+    if engine is not None and engine.clock.virtual:
+        return {"machine": f"simulated: {engine.executor.describe()}"}
     done = [(r.prompt_tokens, r.output_tokens) for r in records if r.ok]
-    bound = roofline(shape, done, steps, wall_time)
+    bound = roofline(describe_model(root.model), done, steps, wall_time)
     return {"machine": machine.machine_line(), **{f"roofline_{k}": v for k, v in bound.items()}}
+
+
+def engine_summary(engine: Any) -> dict[str, Any]:
+    """Per-step figures, the model, and what the executor reports (a simulation's cost model)."""
+    out = summarize_steps(engine.stats, engine.kv.num_blocks)
+    out.update(model=engine.spec.family, executor=engine.executor.registry_name)
+    out.update({f"executor_{k}": v for k, v in engine.executor.report().items()})
+    return out
 
 
 def write_results(
