@@ -13,7 +13,13 @@ BUILTIN = (
     "modgen.plugins.attention.auto",
     "modgen.plugins.workloads.lengths",
     "modgen.plugins.workloads.trace",
+    "modgen.plugins.executors.model",
+    "modgen.plugins.executors.sim",
+    "modgen.plugins.cost_models.roofline",
+    "modgen.plugins.cost_models.profiled",
     "modgen.tasks.generate",
     "modgen.tasks.bench",
+    "modgen.tasks.profile",
+    "modgen.tasks.fidelity",
     "modgen.serve.task",
 )

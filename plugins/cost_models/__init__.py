@@ -1,0 +1,1 @@
+"""Built-in cost models of the simulated executor."""

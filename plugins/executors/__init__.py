@@ -1,0 +1,1 @@
+"""Built-in executors: the real model, and the simulator."""
