@@ -34,10 +34,15 @@ class EngineConfig:
     heap_allocations: bool = True
     """On CPU, keep allocations up to 32 MiB on glibc's heap instead of mmap (fewer page faults
     per step; process-wide)."""
+    max_failed_steps: int = 3
+    """Steps in a row that fail every request they run (a forward pass that raises, or every
+    row failing) after which the engine is unhealthy: a server then exits non-zero."""
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"engine.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_failed_steps < 1:
+            raise ValueError(f"engine.max_failed_steps must be >= 1, got {self.max_failed_steps}")
 
 
 @dataclass(kw_only=True)

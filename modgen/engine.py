@@ -70,6 +70,9 @@ class Engine:
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
         self.stats: list[StepStats] = []
+        self.num_failed_steps = 0
+        """Steps in a row that failed every request they ran (see ``is_healthy``)."""
+        self.last_error: str | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Engine:
@@ -201,8 +204,19 @@ class Engine:
 
     # the step loop ---------------------------------------------------------------------------
 
+    @property
+    def is_healthy(self) -> bool:
+        """False once ``config.max_failed_steps`` steps in a row failed every request they ran
+        (the engine itself is broken, not a request): a server should stop and be restarted."""
+        return self.num_failed_steps < self.config.max_failed_steps
+
     def step(self) -> list[Sequence]:
-        """Run one forward pass; returns the sequences that gained a token or finished."""
+        """Run one forward pass; returns the sequences that gained a token or finished.
+
+        Faults stay with their requests: an error in one request's sampling, stop checks or
+        detokenizing fails that request alone; an error in the batched forward pass fails the
+        requests of this step. They end with finish reason ``error`` naming the cause, their KV
+        is freed, and the engine goes on."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.chunks:
@@ -213,17 +227,50 @@ class Engine:
             if chunk.seq.metrics.first_scheduled_time is None:
                 chunk.seq.metrics.first_scheduled_time = t0
         stats = self._step_stats(plan)
-        logits = self.executor.execute(plan)
+        try:
+            logits = self.executor.execute(plan)
+        except Exception as exc:
+            log.exception("the forward pass failed: failing its %d requests", len(plan))
+            ran = [c.seq for c in plan.chunks]
+            for seq in ran:
+                self._fail(seq, exc)
+            self._end_step(stats, time.perf_counter() - t0, failed=True)
+            return ran
         done = [c.seq for c in plan.chunks if c.completes]
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        tokens = self.sampler.sample(logits, done, [self._banned(s) for s in done])
+        tokens = self._sample(logits, done)
         now = time.perf_counter()
         for seq, token in zip(done, tokens, strict=True):
-            self._commit(seq, token, now)
-        stats.duration = now - t0
-        self.stats.append(stats)
+            if isinstance(token, Exception):
+                self._fail(seq, token)
+            else:
+                self._commit(seq, token, now)
+        num_failed = sum(s.finish_reason is FinishReason.ERROR for s in done)
+        self._end_step(stats, now - t0, failed=bool(done) and num_failed == len(done))
         return done
+
+    def _end_step(self, stats: StepStats, duration: float, failed: bool) -> None:
+        stats.duration = duration
+        self.stats.append(stats)
+        self.num_failed_steps = self.num_failed_steps + 1 if failed else 0
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+        """A token per row of ``logits``; should the batch fail, each row is sampled alone, so
+        only the rows at fault get their exception instead of a token."""
+        banned = [self._banned(s) for s in seqs]
+        try:
+            return self.sampler.sample(logits, seqs, banned)
+        except Exception:
+            log.exception("sampling %d rows failed; sampling each alone", len(seqs))
+        out: list[int | Exception] = []
+        for r, seq in enumerate(seqs):
+            try:
+                out += self.sampler.sample(logits[r : r + 1], [seq], [banned[r]])
+            except Exception as exc:
+                log.exception("request %s failed in the sampler", seq.request_id)
+                out.append(exc)
+        return out
 
     def _step_stats(self, plan: StepPlan) -> StepStats:
         return StepStats(
@@ -253,7 +300,7 @@ class Engine:
             reason = self._stop_reason(seq, token)
         except Exception as exc:  # a request that fails here fails alone
             log.exception("request %s failed", seq.request_id)
-            self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+            self._fail(seq, exc)
             return
         if reason is not None:
             self._finish(seq, reason)
@@ -289,6 +336,10 @@ class Engine:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._finish(seq, FinishReason.ERROR, error=self.last_error)
+
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.error = reason, error
@@ -300,7 +351,12 @@ class Engine:
             ids = seq.output_token_ids
             if reason is FinishReason.STOP and ids and ids[-1] in self._stop_ids(seq):
                 ids = ids[:-1]
-            seq.text = self._detokenize(ids)
+            try:
+                seq.text = self._detokenize(ids)
+            except Exception as exc:  # the request fails, alone; its KV is already free
+                log.exception("request %s failed", seq.request_id)
+                self.last_error = seq.error = f"{type(exc).__name__}: {exc}"
+                seq.finish_reason = FinishReason.ERROR
 
 
 def _device(name: str) -> torch.device:
