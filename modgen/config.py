@@ -34,6 +34,9 @@ class EngineConfig:
     heap_allocations: bool = True
     """On CPU, keep allocations up to 32 MiB on glibc's heap instead of mmap (fewer page faults
     per step; process-wide)."""
+    cap_max_tokens: bool = False
+    """A request whose prompt plus max_tokens exceeds the context: false refuses it (HTTP 400,
+    as OpenAI and vLLM do); true caps max_tokens to the room left."""
     max_failed_steps: int = 3
     """Steps in a row that fail every request they run (a forward pass that raises, or every
     row failing) after which the engine is unhealthy: a server then exits non-zero."""

@@ -21,7 +21,7 @@ from modgen.sampler import Sampler
 from modgen.sampling_params import BadRequestError, SamplingParams
 from modgen.scheduling import Scheduler, StepPlan
 from modgen.sequence import FinishReason, SeqStatus, Sequence
-from modgen.tokenizer import load_tokenizer
+from modgen.tokenizer import load_tokenizer, max_token_chars
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class Engine:
             self.config.max_model_len or model.max_position_embeddings,
             model.max_position_embeddings,
         )
+        chars = None if tokenizer is None else max_token_chars(tokenizer)
+        self.max_prompt_chars = None if chars is None else chars * self.max_model_len
+        """Text prompts longer than this are refused before tokenizing (they cannot fit)."""
         self.requests: dict[str, Sequence] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -142,18 +145,25 @@ class Engine:
         arrival_time: float | None,
     ) -> Sequence:
         prompt_ids = self._prompt_ids(prompt)
-        if params.stop and self.tokenizer is None:
-            raise BadRequestError("stop strings need a tokenizer; this model has none", "stop")
+        max_tokens = self._check_params(params, len(prompt_ids))
         seq = Sequence(
             seq_id=seq_id,
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             params=params,
-            max_total_tokens=min(len(prompt_ids) + params.max_tokens, self.max_model_len),
+            max_total_tokens=len(prompt_ids) + max_tokens,
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
         )
         self.scheduler.check(seq)
         return seq
+
+    def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> int:
+        """Check ``params`` against this model; returns the tokens the request may generate."""
+        if params.stop and self.tokenizer is None:
+            raise BadRequestError("stop strings need a tokenizer; this model has none", "stop")
+        return params.check_model(
+            self.model.vocab_size, self.max_model_len, num_prompt_tokens, self.config.cap_max_tokens
+        )
 
     def _prompt_ids(self, prompt: list[int] | str) -> list[int]:
         if isinstance(prompt, str):
@@ -163,6 +173,7 @@ class Engine:
                     "this model has none: pass token ids",
                     "prompt",
                 )
+            self.check_prompt_chars(len(prompt))
             prompt = self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise BadRequestError(
@@ -183,6 +194,16 @@ class Engine:
                 "prompt",
             )
         return list(prompt)
+
+    def check_prompt_chars(self, num_chars: int, field: str = "prompt") -> None:
+        """Refuse, before tokenizing, a text of ``num_chars`` characters that cannot fit the
+        context whatever its tokens (see ``max_prompt_chars``)."""
+        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
+            raise BadRequestError(
+                f"{field} has {num_chars} characters: more tokens than the model's context of "
+                f"{self.max_model_len} (at most {self.max_prompt_chars} characters can fit)",
+                field,
+            )
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its KV at once; False if it is unknown or already done."""
