@@ -145,7 +145,8 @@ def create_app(
     app.add_api_route(
         "/metrics", _metrics, methods=["GET"], response_class=PlainTextResponse, responses=text
     )
-    openapi.install(app, [CompletionRequest, ChatCompletionRequest])
+    requests = [CompletionRequest, ChatCompletionRequest]
+    openapi.install(app, requests, model_name, engine.model.vocab_size)
     return app
 
 

@@ -52,7 +52,7 @@ def generation(model: type[BaseModel]) -> dict[str, Any]:
     body = {"$ref": REF.format(model=model.__name__)}
     ok = {
         "description": "The completion, or its chunks as server-sent events when `stream`",
-        "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"application/json": {}, "text/event-stream": {}},
     }
     return {
         "openapi_extra": {
@@ -62,16 +62,31 @@ def generation(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def install(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Make ``app``'s OpenAPI description carry the JSON schemas of ``models``."""
+def install(app: FastAPI, models: list[type[BaseModel]], model_name: str, vocab_size: int) -> None:
+    """Make ``app``'s OpenAPI description carry the JSON schemas of ``models``, with what this
+    server accepts: ``model`` is ``model_name``; token ids (``x-token-id``) are below
+    ``vocab_size``."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
             _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            schemas.update(defs.get("$defs", {}))
+            for name, schema in defs.get("$defs", {}).items():
+                if name in {m.__name__ for m in models}:
+                    schema["properties"]["model"] = {"type": "string", "enum": [model_name]}
+                schemas[name] = _bound_token_ids(schema, vocab_size)
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _bound_token_ids(node: Any, vocab_size: int) -> Any:
+    if isinstance(node, dict):
+        if node.pop("x-token-id", False):
+            node["maximum"] = vocab_size - 1
+        return {k: _bound_token_ids(v, vocab_size) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_bound_token_ids(v, vocab_size) for v in node]
+    return node

@@ -13,7 +13,7 @@ import re
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from modgen.sampling_params import MAX_SEED, BadRequestError, SamplingParams
 
@@ -25,9 +25,13 @@ def _doc(**schema: Any) -> Any:
     return Field(json_schema_extra=schema)
 
 
-TokenId = Annotated[int, _doc(minimum=0)]
+TokenId = Annotated[int, _doc(minimum=0, **{"x-token-id": True})]  # the server adds maximum
 TokenIds = Annotated[list[TokenId], _doc(minItems=1)]
 Text = Annotated[str, _doc(minLength=1)]
+# known OpenAI fields this server does not implement take only their neutral values
+Zero = Annotated[float, _doc(const=0)]
+NEUTRAL = (None, 0, 0.0, False, {}, [])
+Neutral = Annotated[Any, WithJsonSchema({"enum": [None, False, 0, {}, []]})]
 
 
 class _Strict(BaseModel):
@@ -59,10 +63,10 @@ class GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # known OpenAI fields this server does not implement: only their neutral values pass
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    presence_penalty: Zero | None = None
+    frequency_penalty: Zero | None = None
+    logit_bias: Annotated[dict[str, float], _doc(maxProperties=0)] | None = None
+    logprobs: Neutral = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
         "presence_penalty",
@@ -84,7 +88,7 @@ class GenerationRequest(_Strict):
         not implement."""
         for name in self.UNSUPPORTED:
             value = getattr(self, name)
-            if value not in (None, 0, 0.0, False, {}, []):
+            if value not in NEUTRAL:
                 raise BadRequestError(f"{name} is not supported by this server", name)
 
     def sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
@@ -120,9 +124,9 @@ class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: ``prompt`` is text, token ids, or a list of either."""
 
     prompt: Text | TokenIds | Annotated[list[Text | TokenIds], _doc(minItems=1)]
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: Annotated[bool, _doc(const=False)] | None = None
+    best_of: Annotated[int, _doc(minimum=1, maximum=MAX_N)] | None = None
+    suffix: Annotated[str | None, WithJsonSchema({"type": "null"})] = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (*GenerationRequest.UNSUPPORTED, "echo", "suffix")
 
@@ -165,15 +169,21 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+TEXT_FORMAT = {
+    "type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
 class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessage], _doc(minItems=1)]
     max_completion_tokens: Annotated[int, _doc(minimum=1)] | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: Annotated[int, _doc(const=0)] | None = None
+    response_format: Annotated[dict[str, Any], WithJsonSchema(TEXT_FORMAT)] | None = None
+    tools: Annotated[list[Any], _doc(maxItems=0)] | None = None
+    tool_choice: Neutral = None
     parallel_tool_calls: bool | None = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
