@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from modgen.engine import Engine, StepStats
@@ -55,6 +55,11 @@ class AsyncEngine:
     raises QueueFullError at once instead of queueing without limit. ``hooks`` observe steps and
     finished requests; ``max_step_stats`` bounds ``engine.stats`` (a long-running server would
     otherwise keep one entry per step forever; None keeps all).
+
+    A request that fails inside the engine ends alone (the engine isolates it). The loop
+    itself stops when the engine reports itself unhealthy (``Engine.is_healthy``) or a step
+    raises: every unfinished request then gets EngineDeadError, and ``on_failure`` is called
+    with the cause (e.g. to exit the process so that a supervisor restarts it).
     """
 
     def __init__(
@@ -64,11 +69,13 @@ class AsyncEngine:
         *,
         hooks: EngineHooks | None = None,
         max_step_stats: int | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_queued = max_queued
         self.hooks = hooks
         self.max_step_stats = max_step_stats
+        self.on_failure = on_failure
         self._streams: dict[str, _Stream] = {}
         self._pending: list[tuple[str, list[int] | str, SamplingParams, float]] = []
         self._aborts: list[str] = []
@@ -266,6 +273,11 @@ class AsyncEngine:
                         self._close(seq.request_id, out)
                     elif seq.request_id in self._streams:
                         self._streams[seq.request_id].queue.put_nowait(out)
+                if not self.engine.is_healthy:
+                    raise EngineDeadError(
+                        f"{self.engine.num_failed_steps} steps in a row failed every request "
+                        f"they ran (last error: {self.engine.last_error})"
+                    )
                 if virtual:  # clients and due arrivals see this step before the next one runs
                     await asyncio.sleep(0)
         except asyncio.CancelledError:
@@ -275,4 +287,6 @@ class AsyncEngine:
             self.error = exc
             for rid in list(self._streams):
                 self._close(rid, EngineDeadError(f"engine loop failed: {exc}"))
+            if self.on_failure is not None:
+                self.on_failure(exc)
             raise

@@ -36,12 +36,20 @@ class EngineConfig:
     per step; process-wide)."""
     tensor_parallel: int = 1
     """Ranks the model is split over (today only executor=sim's cost model uses it)."""
+    cap_max_tokens: bool = False
+    """A request whose prompt plus max_tokens exceeds the context: false refuses it (HTTP 400,
+    as OpenAI and vLLM do); true caps max_tokens to the room left."""
+    max_failed_steps: int = 3
+    """Steps in a row that fail every request they run (a forward pass that raises, or every
+    row failing) after which the engine is unhealthy: a server then exits non-zero."""
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"engine.max_model_len must be >= 2, got {self.max_model_len}")
         if self.tensor_parallel < 1:
             raise ValueError(f"engine.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.max_failed_steps < 1:
+            raise ValueError(f"engine.max_failed_steps must be >= 1, got {self.max_failed_steps}")
 
 
 @dataclass(kw_only=True)

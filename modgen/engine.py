@@ -20,7 +20,7 @@ from modgen.model import ModelSpec, describe_model
 from modgen.sampling_params import BadRequestError, SamplingParams
 from modgen.scheduling import Scheduler, StepPlan
 from modgen.sequence import FinishReason, SeqStatus, Sequence
-from modgen.tokenizer import load_tokenizer
+from modgen.tokenizer import load_tokenizer, max_token_chars
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,16 @@ class Engine:
             self.config.max_model_len or spec.max_position_embeddings,
             spec.max_position_embeddings,
         )
+        chars = None if tokenizer is None else max_token_chars(tokenizer)
+        self.max_prompt_chars = None if chars is None else chars * self.max_model_len
+        """Text prompts longer than this are refused before tokenizing (they cannot fit)."""
         self.requests: dict[str, Sequence] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
         self.stats: list[StepStats] = []
+        self.num_failed_steps = 0
+        """Steps in a row that failed every request they ran (see ``is_healthy``)."""
+        self.last_error: str | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Engine:
@@ -138,18 +144,25 @@ class Engine:
         arrival_time: float | None,
     ) -> Sequence:
         prompt_ids = self._prompt_ids(prompt)
-        if params.stop and self.tokenizer is None:
-            raise BadRequestError("stop strings need a tokenizer; this model has none", "stop")
+        max_tokens = self._check_params(params, len(prompt_ids))
         seq = Sequence(
             seq_id=seq_id,
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             params=params,
-            max_total_tokens=min(len(prompt_ids) + params.max_tokens, self.max_model_len),
+            max_total_tokens=len(prompt_ids) + max_tokens,
             arrival_time=self.clock.now() if arrival_time is None else arrival_time,
         )
         self.scheduler.check(seq)
         return seq
+
+    def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> int:
+        """Check ``params`` against this model; returns the tokens the request may generate."""
+        if params.stop and self.tokenizer is None:
+            raise BadRequestError("stop strings need a tokenizer; this model has none", "stop")
+        return params.check_model(
+            self.spec.vocab_size, self.max_model_len, num_prompt_tokens, self.config.cap_max_tokens
+        )
 
     def _prompt_ids(self, prompt: list[int] | str) -> list[int]:
         if isinstance(prompt, str):
@@ -159,6 +172,7 @@ class Engine:
                     "this model has none: pass token ids",
                     "prompt",
                 )
+            self.check_prompt_chars(len(prompt))
             prompt = self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise BadRequestError(
@@ -180,6 +194,16 @@ class Engine:
             )
         return list(prompt)
 
+    def check_prompt_chars(self, num_chars: int, field: str = "prompt") -> None:
+        """Refuse, before tokenizing, a text of ``num_chars`` characters that cannot fit the
+        context whatever its tokens (see ``max_prompt_chars``)."""
+        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
+            raise BadRequestError(
+                f"{field} has {num_chars} characters: more tokens than the model's context of "
+                f"{self.max_model_len} (at most {self.max_prompt_chars} characters can fit)",
+                field,
+            )
+
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its KV at once; False if it is unknown or already done."""
         seq = self.requests.get(str(request_id))
@@ -200,8 +224,19 @@ class Engine:
 
     # the step loop ---------------------------------------------------------------------------
 
+    @property
+    def is_healthy(self) -> bool:
+        """False once ``config.max_failed_steps`` steps in a row failed every request they ran
+        (the engine itself is broken, not a request): a server should stop and be restarted."""
+        return self.num_failed_steps < self.config.max_failed_steps
+
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that gained a token or finished."""
+        """Run one step; returns the sequences that gained a token or finished.
+
+        Faults stay with their requests: an error in one request's sampling, stop checks or
+        detokenizing fails that request alone; an error in the step as a whole (the batched
+        forward pass) fails the requests of this step. They end with finish reason ``error``
+        naming the cause, their KV is freed, and the engine goes on."""
         t0 = self.clock.now()
         plan = self.scheduler.schedule()
         if not plan.chunks:
@@ -213,15 +248,31 @@ class Engine:
                 chunk.seq.metrics.first_scheduled_time = t0
         stats = self._step_stats(plan, t0)
         done = [c.seq for c in plan.chunks if c.completes]
-        tokens = self.executor.execute(plan, [self._banned(s) for s in done])
+        try:
+            tokens = self.executor.execute(plan, [self._banned(s) for s in done])
+        except Exception as exc:
+            log.exception("the step failed: failing its %d requests", len(plan))
+            ran = [c.seq for c in plan.chunks]
+            for seq in ran:
+                self._fail(seq, exc)
+            self._end_step(stats, self.clock.now() - t0, failed=True)
+            return ran
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
         now = self.clock.now()
         for seq, token in zip(done, tokens, strict=True):
-            self._commit(seq, token, now)
-        stats.duration = now - t0
-        self.stats.append(stats)
+            if isinstance(token, Exception):
+                self._fail(seq, token)
+            else:
+                self._commit(seq, token, now)
+        num_failed = sum(s.finish_reason is FinishReason.ERROR for s in done)
+        self._end_step(stats, now - t0, failed=bool(done) and num_failed == len(done))
         return done
+
+    def _end_step(self, stats: StepStats, duration: float, failed: bool) -> None:
+        stats.duration = duration
+        self.stats.append(stats)
+        self.num_failed_steps = self.num_failed_steps + 1 if failed else 0
 
     def _step_stats(self, plan: StepPlan, start: float) -> StepStats:
         return StepStats(
@@ -252,7 +303,7 @@ class Engine:
             reason = self._stop_reason(seq, token)
         except Exception as exc:  # a request that fails here fails alone
             log.exception("request %s failed", seq.request_id)
-            self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+            self._fail(seq, exc)
             return
         if reason is not None:
             self._finish(seq, reason)
@@ -288,6 +339,10 @@ class Engine:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._finish(seq, FinishReason.ERROR, error=self.last_error)
+
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason, seq.error = reason, error
@@ -298,7 +353,12 @@ class Engine:
             ids = seq.output_token_ids
             if reason is FinishReason.STOP and ids and ids[-1] in self._stop_ids(seq):
                 ids = ids[:-1]
-            seq.text = self._detokenize(ids)
+            try:
+                seq.text = self._detokenize(ids)
+            except Exception as exc:  # the request fails, alone; its KV is already free
+                log.exception("request %s failed", seq.request_id)
+                self.last_error = seq.error = f"{type(exc).__name__}: {exc}"
+                seq.finish_reason = FinishReason.ERROR
 
 
 def _device(name: str) -> torch.device:

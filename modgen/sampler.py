@@ -52,16 +52,20 @@ class Sampler:
         return out.tolist()
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        device = logits.device
+        device, vocab = logits.device, logits.shape[-1]
+        # any validated value is safe here: a temperature beyond float32 is its largest (a
+        # uniform draw, not inf / inf), a top_k beyond the vocabulary keeps all
         temp = torch.tensor([s.params.temperature for s in seqs], device=device)
-        top_k = torch.tensor([s.params.top_k for s in seqs], device=device)
+        temp = temp.clamp(max=torch.finfo(temp.dtype).max)
+        top_k = torch.tensor([min(s.params.top_k, vocab) for s in seqs], device=device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
         sorted_logits, order = (logits / temp[:, None]).sort(dim=-1, descending=True)  # [n, V]
-        rank = torch.arange(logits.shape[-1], device=device)[None, :]
+        rank = torch.arange(vocab, device=device)[None, :]
         keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
         probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
         keep &= before < top_p[:, None]
+        keep[:, 0] = True  # the most likely token stays, however small top_p is
         probs = probs.masked_fill(~keep, 0.0)
         cdf = probs.cumsum(dim=-1)
         u = torch.cat([torch.rand(1, generator=self._generator(s)) for s in seqs]).to(device)

@@ -46,7 +46,7 @@ def test_concurrent_streams_match_hf_and_grow_monotonically(engine, prompts, hf_
 def test_a_consumer_that_stops_aborts_and_frees_kv(engine, prompts, hf_reference):
     async def main():
         aengine = AsyncEngine(engine)
-        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        long = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
         gen = aengine.generate(prompts[7], long)
         first = await gen.__anext__()
         assert engine.kv.num_used_blocks > 0

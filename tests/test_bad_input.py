@@ -150,3 +150,75 @@ def test_checkpoint_problems_are_named(checkpoints, tmp_path):
         LLM("mistral", checkpoint=str(broken))
     assert "missing weights: model.layers.1.self_attn.k_proj.weight" in str(err.value)
     assert "unexpected weights: model.layers.0.mlp.extra.weight" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"stop": [7]}, "stop"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
+def test_out_of_range_and_wrong_type_parameters_are_named(params, field):
+    with pytest.raises(BadRequestError, match=field) as err:
+        SamplingParams(**params)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field", "match"),
+    [
+        ([5, 6], {"stop_token_ids": [999999], "min_tokens": 1}, "stop_token_ids", r"\[0, 96\)"),
+        ([5, 6], {"stop_token_ids": [-1], "min_tokens": 1}, "stop_token_ids", r"\[-1\]"),
+        ([5] * 6, {"max_tokens": 10**9}, "max_tokens", "leave room for 250"),
+        ([5] * 6, {"max_tokens": 251}, "max_tokens", "context of 256 tokens"),
+        ([5] * 6, {"max_tokens": 300, "min_tokens": 251}, "min_tokens", "leave room"),
+        ("w3 " * 1000, {}, "prompt", "characters"),
+    ],
+)
+def test_limits_of_the_model_are_checked_at_the_boundary(llm, prompt, params, field, match):
+    with pytest.raises(BadRequestError, match=match) as err:
+        llm.engine.add_request(prompt, SamplingParams(**params))
+    assert err.value.field == field
+    with pytest.raises(BadRequestError, match=match):
+        llm.engine.check_request(prompt, SamplingParams(**params))
+    assert not llm.engine.has_unfinished()
+
+
+def test_values_that_once_crashed_the_sampler_now_run(llm, prompts):
+    """Each of these stopped the engine loop for good (torch's generator seeding, a tensor of
+    top-k values, a huge temperature); now they generate, alongside a greedy request."""
+    cases = [
+        SamplingParams(max_tokens=4, seed=2**63 - 1, ignore_eos=True),
+        SamplingParams(max_tokens=4, top_k=2**63, seed=1, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=1e300, seed=2, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=1e-300, ignore_eos=True),  # greedy
+        SamplingParams(max_tokens=4, top_p=1e-300, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=4, min_tokens=4, stop_token_ids=[95, 0], ignore_eos=True),
+    ]
+    outs = llm.generate([prompts[2]] * len(cases) + [prompts[3]], [*cases, GREEDY])
+    assert all(len(o.token_ids) == 4 for o in outs[:-1])
+    assert outs[3].token_ids == llm.generate([prompts[2]], GREEDY)[0].token_ids[:4]
+    assert not {0, 95} & set(outs[-2].token_ids)
+    assert len(outs[-1].token_ids) == MAX_NEW and llm.engine.is_healthy
+
+
+def test_cap_max_tokens_caps_instead_of_refusing(checkpoints):
+    llm = LLM(
+        "mistral",
+        checkpoint=str(checkpoints["mistral"]),
+        overrides=["+scheduler=splitfuse", "engine.cap_max_tokens=true"],
+    )
+    out = llm.generate([[5] * 250], SamplingParams(max_tokens=10**9, ignore_eos=True))[0]
+    assert (len(out.token_ids), out.finish_reason) == (6, "length")
+    with pytest.raises(BadRequestError, match="min_tokens"):  # min_tokens is never capped
+        llm.generate([[5] * 250], SamplingParams(max_tokens=10**9, min_tokens=7))

@@ -59,6 +59,32 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert seen == {0, 1}
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1e300},
+        {"temperature": 1e-300},
+        {"temperature": 1.0, "top_k": 2**63},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 0.7, "top_k": 3, "top_p": 1e-9, "seed": 2**63 - 1},
+    ],
+)
+def test_extreme_valid_parameters_sample_a_token_in_the_vocabulary(params):
+    logits = torch.tensor([[3.0, 1.0, float("-inf"), 0.5, -2.0]])
+    seq = seq_with(0, **params)
+    for banned in ([], [0], [0, 1, 3, 4]):
+        token = Sampler(0).sample(logits.clone(), [seq], [banned])[0]
+        assert 0 <= token < 5
+
+
+def test_a_temperature_beyond_float32_samples_uniformly_not_nan():
+    logits = torch.tensor([[5.0, 0.0, -5.0]])
+    seq = seq_with(0, temperature=1e300, seed=4)
+    sampler = Sampler(0)
+    seen = {sampler.sample(logits.clone(), [seq], [[]])[0] for _ in range(60)}
+    assert seen == {0, 1, 2}
+
+
 def test_banned_ids_are_never_sampled():
     logits = torch.tensor([[10.0, 0.0, 0.0]])
     sampler = Sampler(0)

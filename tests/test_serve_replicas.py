@@ -1,6 +1,7 @@
 """``task=serve serve.replicas=2`` as users start it: two engine processes behind the balancer.
 Work goes to the replica with the least outstanding work; a killed replica fails its in-flight
-requests at once (no client hangs) and is restarted; SIGTERM drains and exits cleanly."""
+streams at once (no client hangs), its requests that had no answer yet are retried on the other
+replica, and it is restarted; SIGTERM drains and exits cleanly."""
 
 from __future__ import annotations
 
@@ -87,25 +88,30 @@ def test_least_work_spread_failover_restart_and_sigterm(balancer):
         assert set(counts) == {"0", "1"} and min(counts.values()) >= 2
         figures["8 concurrent requests per replica"] = dict(counts)
 
-    # 3. kill a replica while requests run on both: its requests fail fast, the others go on
-    routed_before = httpx.get(f"{url}/metrics").text
+    # 3. kill a replica while requests run on both: its streams fail fast, its requests with
+    #    no answer yet (not streamed: the answer comes whole at the end) go to the other one
+    before = httpx.get(f"{url}/metrics").text
     run = asyncio.run(_kill_during_load(url, api))
     victim, kill_wall = run["victim"], run["kill_wall"]
     lb = httpx.get(f"{url}/metrics").text
-    on_victim = metric(lb, "modgen_lb_requests_total", f'replica="{victim}"') - metric(
-        routed_before, "modgen_lb_requests_total", f'replica="{victim}"'
-    )
+
+    def grew(name: str) -> float:
+        label = f'replica="{victim}"'
+        return metric(lb, name, label) - metric(before, name, label)
+
+    on_victim, retried = grew("modgen_lb_requests_total"), grew("modgen_lb_retries_total")
     failed = [r for r in run["ended"] if r["error"] is not None]
-    assert on_victim >= 2 and len(failed) == on_victim  # every request on it got an error ...
+    assert failed and len(failed) + retried == on_victim  # every request on it failed or moved
     assert all(r["replica"] == victim and r["error"] == "replica_failed" for r in failed)
+    assert all(r["kind"] == "stream" for r in failed)  # the others were retried
     assert max(r["after_kill_s"] for r in failed) < 3.0  # ... at once, none hangs
     assert metric(lb, "modgen_lb_replica_failures_total", f'replica="{victim}"') == len(failed)
     survivors = [r for r in run["ended"] if r["error"] is None]
-    assert len(survivors) + run["still_running"] == 6 - on_victim
+    assert len(survivors) + run["still_running"] == 6 - len(failed)
     assert all(r["events_after_kill"] > 0 for r in survivors)  # the other replica went on
-    figures["requests in flight on the killed replica / on the other"] = (
+    figures["streams failed on the killed replica / requests retried on the other"] = (
         len(failed),
-        6 - len(failed),
+        int(retried),
     )
     figures["slowest error after the kill (s)"] = round(max(r["after_kill_s"] for r in failed), 3)
 
@@ -155,7 +161,8 @@ async def _concurrent(api: str, bodies: list[dict]) -> list[tuple[str, int]]:
 async def _kill_during_load(url: str, api: str) -> dict:
     """Three long streams and three long non-streamed requests; SIGKILL the first stream's
     replica once all run. Reports how each request ended, and how many still run 3 s later."""
-    recs = [{"replica": None, "error": None, "events_after_kill": 0} for _ in range(3)]
+    recs = [{"replica": None, "error": None, "events_after_kill": 0, "kind": "stream"}
+            for _ in range(3)]  # fmt: skip
     started = [asyncio.Event() for _ in range(3)]
     killed = asyncio.Event()
     ended: list[dict] = []
@@ -178,9 +185,8 @@ async def _kill_during_load(url: str, api: str) -> dict:
         error = r.json()["error"]["code"] if r.status_code != 200 else None
         after = time.monotonic() - kill_at[0]
         replica = r.headers["x-modgen-replica"]
-        ended.append(
-            {"replica": replica, "error": error, "events_after_kill": 1, "after_kill_s": after}
-        )
+        ended.append({"replica": replica, "error": error, "events_after_kill": 1,
+                      "after_kill_s": after, "kind": "whole"})  # fmt: skip
 
     async with httpx.AsyncClient(timeout=60) as http:
         streams = [

@@ -1,5 +1,6 @@
 """The load balancer in front of replicas: proxies /v1 to the replica with the least outstanding
-work (streams pass through event by event), reports replica health, restarts dead replicas."""
+work (streams pass through event by event), reports replica health, restarts dead replicas. A
+request whose replica fails before answering is retried on another healthy replica."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modgen.serve.app import check_api_key
+from modgen.serve.limits import BodyLimit
 from modgen.serve.protocol import MAX_N, error_body
 from modgen.serve.replicas import Replica, ReplicaPool
 from modgen.serve.web import (
@@ -49,6 +51,10 @@ class _Metrics:
         self.failed = Counter(
             "modgen_lb_replica_failures", "Requests that failed because their replica did.",
             ["replica"], registry=r,
+        )  # fmt: skip
+        self.retried = Counter(
+            "modgen_lb_retries", "Requests taken from a replica that failed, or refused them "
+            "(503), before answering: tried on another one.", ["replica"], registry=r,
         )  # fmt: skip
         outstanding = Gauge(
             "modgen_lb_outstanding_work", "Unanswered work units per replica.", ["replica"],
@@ -93,6 +99,9 @@ def create_balancer_app(pool: ReplicaPool, cfg: ServeTask.Config) -> FastAPI:
 
     app = FastAPI(title="modgen balancer", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.pool = pool
+    app.add_middleware(
+        BodyLimit, max_bytes=int(cfg.max_body_mb * 2**20), timeout_s=cfg.body_timeout_s
+    )
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -136,8 +145,12 @@ async def _proxy(
     work = _work(body)
     headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
     tried: set[int] = set()
+    failed: tuple[Replica, httpx.TransportError] | None = None
     while True:
         rep = None if pool.closing else pool.pick(tried)
+        if rep is None and failed is not None:  # every replica tried failed
+            metrics.failed.labels(str(failed[0].index)).inc()
+            raise _replica_failed(*failed)
         if rep is None:
             raise APIError(503, "no replica is available; retry later", "service_unavailable",
                            code="no_replica", headers={"Retry-After": "1"})  # fmt: skip
@@ -150,14 +163,24 @@ async def _proxy(
         )  # fmt: skip
         try:
             upstream = await unless_disconnected(request, client.send(upstream_req, stream=True))
-            break
-        except httpx.ConnectError:  # never reached it: safe to try another replica
+        except httpx.TransportError as exc:  # no answer began: safe to try another replica
             rep.outstanding -= work
             tried.add(rep.index)
+            metrics.retried.labels(str(rep.index)).inc()
+            failed = rep, exc
+            continue
         except httpx.HTTPError as exc:
             rep.outstanding -= work
             metrics.failed.labels(str(rep.index)).inc()
             raise _replica_failed(rep, exc) from exc
+        if upstream is not None and upstream.status_code == 503 and pool.pick({*tried, rep.index}):
+            # it took nothing (its engine failed, or it drains): another replica may
+            rep.outstanding -= work
+            tried.add(rep.index)
+            metrics.retried.labels(str(rep.index)).inc()
+            await upstream.aclose()
+            continue
+        break
     if upstream is None:  # the client left before the answer began
         rep.outstanding -= work
         return Response(status_code=499)

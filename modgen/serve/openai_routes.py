@@ -1,5 +1,6 @@
 """``POST /v1/completions`` and ``POST /v1/chat/completions``: parse, validate, run the choices
-on the engine, answer whole or as server-sent events."""
+on the engine, answer whole or as server-sent events. Parsing, chat templating and tokenizing
+run in the server's worker thread (``ServerState.off_loop``), never on the event loop."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from modgen.sampling_params import BadRequestError, SamplingParams
 from modgen.serve import protocol as p
 from modgen.serve.generation import Choice, Generation, TextStream
+from modgen.serve.openapi import generation
 from modgen.serve.web import (
     SSE_DONE,
     APIError,
@@ -30,33 +32,42 @@ router = APIRouter()
 ParamsFor = Callable[[int], SamplingParams]  # choice j of a prompt -> its parameters
 
 
-@router.post("/completions")
+@router.post("/completions", **generation(p.CompletionRequest))
 async def completions(request: Request) -> Response:
     """OpenAI completions: ``prompt`` as text, token ids or a batch of either."""
     st = _state(request)
-    req = p.parse_request(p.CompletionRequest, await request.body())
-    assert isinstance(req, p.CompletionRequest)
-    _check_model(st, req.model)
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    n = req.num_choices
-    choices = _choices(st, req.prompts(), n, lambda j: req.sampling_params(max_tokens, j))
+    req, choices = await st.off_loop(_prepare_completion, st, await request.body())
     return await _respond(st, request, req, choices, chat=False)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", **generation(p.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions; the prompt is the chat template applied to ``messages``."""
     st = _state(request)
-    req = p.parse_request(p.ChatCompletionRequest, await request.body())
+    req, choices = await st.off_loop(_prepare_chat, st, await request.body())
+    return await _respond(st, request, req, choices, chat=True)
+
+
+def _prepare_completion(st: ServerState, body: bytes) -> tuple[p.GenerationRequest, list[Choice]]:
+    req = p.parse_request(p.CompletionRequest, body)
+    assert isinstance(req, p.CompletionRequest)
+    _check_model(st, req.model)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    return req, _choices(st, req, req.prompts(), lambda j: req.sampling_params(max_tokens, j))
+
+
+def _prepare_chat(st: ServerState, body: bytes) -> tuple[p.GenerationRequest, list[Choice]]:
+    req = p.parse_request(p.ChatCompletionRequest, body)
     assert isinstance(req, p.ChatCompletionRequest)
     _check_model(st, req.model)
     ids = _render_chat(st, req)
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    room = min(st.engine.max_model_len, st.engine.kv.capacity_tokens) - len(ids)
-    max_tokens = asked if asked is not None else max(1, room)
-    n = req.num_choices
-    choices = _choices(st, [ids], n, lambda j: req.sampling_params(max_tokens, j))
-    return await _respond(st, request, req, choices, chat=True)
+    max_tokens = req.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = req.max_tokens
+    if max_tokens is None:  # what is left of the context, or the server's default
+        room = min(st.engine.max_model_len, st.engine.kv.capacity_tokens) - len(ids)
+        max_tokens = max(1, min(room, st.config.default_max_tokens or room))
+    return req, _choices(st, req, [ids], lambda j: req.sampling_params(max_tokens, j))
 
 
 def _state(request: Request) -> ServerState:
@@ -81,6 +92,7 @@ def _render_chat(st: ServerState, req: p.ChatCompletionRequest) -> list[int]:
             "messages",
         )
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    st.engine.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
     try:
         text = tok.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
@@ -93,15 +105,25 @@ def _render_chat(st: ServerState, req: p.ChatCompletionRequest) -> list[int]:
 
 
 def _choices(
+    st: ServerState, req: p.GenerationRequest, prompts: list[str | list[int]], params_for: ParamsFor
+) -> list[Choice]:
+    """Validate every prompt with its parameters (as the engine will) and make n choices each;
+    a BadRequestError names the request's own field."""
+    try:
+        return _make_choices(st, prompts, req.num_choices, params_for)
+    except BadRequestError as exc:
+        raise req.in_own_terms(exc) from None
+
+
+def _make_choices(
     st: ServerState, prompts: list[str | list[int]], n: int, params_for: ParamsFor
 ) -> list[Choice]:
-    """Validate every prompt with its parameters (as the engine will) and make n choices each."""
     limit = st.config.max_queued
     if limit is not None and n * len(prompts) > limit:
         raise BadRequestError(
             f"{len(prompts)} prompt(s) x n={n} choices exceed the server's limit of {limit} "
             "requests at once",
-            "n",
+            "n" if len(prompts) <= limit else "prompt",
         )
     out = []
     first = params_for(0)

@@ -75,6 +75,15 @@ class ServeTask(Task):
         """Replicas: how long a replica may take to load before its start counts as failed."""
         access_log: bool = False
         """Log every HTTP request."""
+        max_body_mb: float = 16.0
+        """Largest request body, in MiB; a larger one gets HTTP 413 (before it is read whole
+        when its Content-Length says so)."""
+        body_timeout_s: float = 30.0
+        """How long a client may take to send a request body; then HTTP 408 and the connection
+        is closed."""
+        default_max_tokens: int | None = None
+        """max_tokens of a chat request that sets neither it nor max_completion_tokens; None:
+        what is left of the context (as OpenAI and vLLM). Completions default to 16 (OpenAI's)."""
 
         def __post_init__(self) -> None:
             if not self.allow_remote and not is_loopback(self.host):
@@ -91,6 +100,13 @@ class ServeTask(Task):
                 (self.health_interval_s > 0, "health_interval_s", "> 0"),
                 (self.health_failures >= 1, "health_failures", ">= 1"),
                 (all(k for k in self.api_keys), "api_keys", "non-empty strings"),
+                (self.max_body_mb > 0, "max_body_mb", "> 0"),
+                (self.body_timeout_s > 0, "body_timeout_s", "> 0"),
+                (
+                    self.default_max_tokens is None or self.default_max_tokens >= 1,
+                    "default_max_tokens",
+                    ">= 1 or null",
+                ),
             ]
             for ok, name, expected in checks:
                 if not ok:

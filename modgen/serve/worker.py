@@ -28,17 +28,32 @@ def serve_engine(
     root: DictConfig, cfg: ServeTask.Config, model_name: str, sock: socket.socket,
     on_listening: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
-    """Build the engine ``root`` describes and serve it on ``sock`` until SIGTERM / Ctrl+C."""
+    """Build the engine ``root`` describes and serve it on ``sock`` until SIGTERM / Ctrl+C.
+
+    Should the engine fail for good (``Engine.is_healthy``), the server stops and this raises
+    EngineDeadError, so the process exits non-zero and a supervisor (or the balancer, for a
+    replica) restarts it; until it has stopped, /health answers 503."""
+    from modgen.async_engine import EngineDeadError
     from modgen.engine import Engine
     from modgen.serve.app import create_app
     from modgen.serve.server import make_server, serve_forever
 
     engine = Engine.from_config(root)
-    app = create_app(engine, cfg, model_name)
+    failures: list[BaseException] = []
+
+    def engine_failed(exc: BaseException) -> None:
+        failures.append(exc)
+        server.handle_exit(signal.SIGTERM, None)  # drain what is left and stop
+
+    app = create_app(engine, cfg, model_name, on_engine_failed=engine_failed)
     server = make_server(app, cfg.grace_period_s, app.state.modgen.begin_shutdown, cfg.access_log)
     if on_listening is not None:
         on_listening()
     serve_forever(server, sock, f"'{model_name}'")
+    if failures:
+        raise EngineDeadError(
+            f"the engine failed ({failures[0]}); exiting non-zero so that it is restarted"
+        )
 
 
 def _exit_with_parent() -> None:
