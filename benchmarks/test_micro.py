@@ -7,8 +7,8 @@ import torch
 from sim_engine import make_scheduler, make_seq
 
 from modgen import LLM, SamplingParams, registry
-from modgen.batch import build_ragged_batch
-from modgen.scheduling import StepPlan
+from modgen.engine.batch import build_ragged_batch
+from modgen.engine.scheduling import StepPlan
 
 
 def scheduler_with(name: str, num_running: int, num_waiting: int, **knobs):

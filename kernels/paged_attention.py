@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 from modgen.kernels.launch import Tunable, check_runnable, config, next_pow2
 
 LOG2E = 1.4426950408889634

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from modgen.batch import RaggedBatch, ragged_batch
+from modgen.engine.batch import RaggedBatch, ragged_batch
 
 
 def random_batch(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 
 
 @dataclass(frozen=True)

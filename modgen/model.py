@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modgen.attention import AttentionBackend, AttentionSpec
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_LINEAR_LAYOUTS = ("blas", "blas_t", "onednn")

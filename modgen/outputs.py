@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modgen.sequence import RequestMetrics, Sequence
+from modgen.engine.sequence import RequestMetrics, Sequence
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from modgen import machine as this_machine
-from modgen.costs import StepFeatures
+from modgen.engine.costs import StepFeatures
 from modgen.model import ModelSpec
 
 FORMAT = 1

@@ -26,13 +26,13 @@ ENTRY_POINT_GROUP = "modgen.plugins"
 # kind -> "module:Class", the base class every component of that kind derives from
 _BASES: dict[str, str] = {
     "model": "modgen.model:CausalLM",
-    "scheduler": "modgen.scheduling:Scheduler",
-    "kv_allocator": "modgen.kv:KVAllocator",
+    "scheduler": "modgen.engine.scheduling:Scheduler",
+    "kv_allocator": "modgen.engine.kv:KVAllocator",
     "attention": "modgen.attention:AttentionBackend",
     "task": "modgen.task:Task",
     "workload": "modgen.workload:Workload",
-    "executor": "modgen.executor:Executor",
-    "cost_model": "modgen.costs:CostModel",
+    "executor": "modgen.engine.executor:Executor",
+    "cost_model": "modgen.engine.costs:CostModel",
 }
 # kind -> name -> class
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in _BASES}

@@ -10,12 +10,12 @@ import torch
 
 from modgen import registry
 from modgen.engine import Engine
-from modgen.executor import ExecutorContext
-from modgen.kv import KVAllocator
+from modgen.engine.executor import ExecutorContext
+from modgen.engine.kv import KVAllocator
+from modgen.engine.scheduling import Scheduler, StepPlan
+from modgen.engine.sequence import SeqStatus, Sequence
 from modgen.model import ModelSpec
 from modgen.sampling_params import SamplingParams
-from modgen.scheduling import Scheduler, StepPlan
-from modgen.sequence import SeqStatus, Sequence
 
 SPEC = ModelSpec(
     family="test", vocab_size=1000, max_position_embeddings=1_000_000, eos_token_ids=(2,),

@@ -9,7 +9,7 @@ import pytest
 from conftest import MAX_NEW
 
 from modgen import LLM, BadRequestError, SamplingParams
-from modgen.async_engine import AsyncEngine, QueueFullError
+from modgen.engine.async_engine import AsyncEngine, QueueFullError
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import MAX_NEW
 
 from modgen import LLM, SamplingParams
-from modgen.async_engine import AsyncEngine, EngineDeadError
+from modgen.engine.async_engine import AsyncEngine, EngineDeadError
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
 MARK = [1, 1]  # prompts starting with this are the ones the injected faults pick

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 from modgen.kernels import interpreting
 from modgen.kernels.kv_write import rope_kv_write, rope_kv_write_ref
 from modgen.kernels.launch import config

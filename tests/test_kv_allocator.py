@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modgen import registry
-from modgen.kv import OutOfBlocksError
+from modgen.engine.kv import OutOfBlocksError
 
 
 def make(num_blocks: int, block_size: int):

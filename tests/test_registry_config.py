@@ -12,9 +12,9 @@ from sim_engine import COST, SPEC
 
 from modgen import registry
 from modgen.config import compose_config
-from modgen.executor import ExecutorContext
+from modgen.engine.executor import ExecutorContext
+from modgen.engine.scheduling import Scheduler, SchedulerConfig
 from modgen.model import describe_model
-from modgen.scheduling import Scheduler, SchedulerConfig
 
 SMALL_ENOUGH_TO_BUILD = {"model": {"mistral", "llama"}}
 REQUIRED = {("workload", "trace"): ["workload.path=/dev/null"]}  # options with a mandatory field

@@ -6,7 +6,7 @@ import pytest
 
 from modgen.bench import roofline as rf
 from modgen.bench.roofline import request_cost
-from modgen.costs import attention_pairs
+from modgen.engine.costs import attention_pairs
 from modgen.model import ModelSpec
 
 

@@ -9,7 +9,7 @@ import torch
 from sim_engine import make_seq
 
 from modgen import LLM, SamplingParams
-from modgen.sampler import Sampler
+from modgen.engine.sampler import Sampler
 
 
 def seq_with(i: int, **params):

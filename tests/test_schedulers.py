@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_engine import make_engine, make_scheduler, make_seq, run
 
+from modgen.engine.sequence import SeqStatus
 from modgen.sampling_params import BadRequestError
-from modgen.sequence import SeqStatus
 
 requests = st.lists(
     st.tuples(st.integers(1, 80), st.integers(1, 20), st.integers(0, 30)), min_size=1, max_size=12

@@ -16,8 +16,8 @@ from serve_utils import CHAT_TEMPLATE, metric, slow_steps, start_server, wait_fo
 
 import modgen
 from modgen import LLM, SamplingParams
-from modgen.async_engine import AsyncEngine, EngineHooks
 from modgen.config import compose_config
+from modgen.engine.async_engine import AsyncEngine, EngineHooks
 from modgen.serve.task import serve_config
 
 GREEDY = {"temperature": 0.0, "max_tokens": MAX_NEW, "extra_body": {"ignore_eos": True}}

@@ -13,8 +13,8 @@ from test_e2e_hf import SCHEDULES
 
 from modgen import LLM, SamplingParams, registry
 from modgen.bench.loadgen import arrival_times
-from modgen.clock import VirtualClock
-from modgen.costs import StepFeatures
+from modgen.engine.clock import VirtualClock
+from modgen.engine.costs import StepFeatures
 from modgen.profiling import Profile, ProfileFit
 
 SIM = ["executor=sim", "cost_model=roofline", "cost_model.peak_tflops=1",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from modgen.bench.metrics import RequestRecord
 from modgen.bench.targets import Target
-from modgen.clock import Clock
+from modgen.engine.clock import Clock
 from modgen.workload import RequestSpec
 
 

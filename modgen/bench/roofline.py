@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from modgen import machine as this_machine
-from modgen.costs import attention_pairs
+from modgen.engine.costs import attention_pairs
 from modgen.model import ModelSpec
 
 MEASURE_COMMAND = "python -m modgen.bench.roofline --measure"

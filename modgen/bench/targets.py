@@ -10,9 +10,9 @@ import json
 import time
 from abc import ABC, abstractmethod
 
-from modgen.async_engine import AsyncEngine
 from modgen.bench.metrics import RequestRecord
-from modgen.clock import Clock, WallClock
+from modgen.engine.async_engine import AsyncEngine
+from modgen.engine.clock import Clock, WallClock
 from modgen.sampling_params import SamplingParams
 from modgen.workload import RequestSpec
 

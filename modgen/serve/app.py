@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
-from modgen.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from modgen.engine import Engine
+from modgen.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from modgen.sampling_params import BadRequestError
 from modgen.serve import openapi
 from modgen.serve.limits import BodyLimit

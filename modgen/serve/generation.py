@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from modgen.async_engine import AsyncEngine
+from modgen.engine.async_engine import AsyncEngine
 from modgen.outputs import RequestOutput
 from modgen.sampling_params import SamplingParams
 

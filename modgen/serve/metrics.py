@@ -12,8 +12,8 @@ from itertools import pairwise
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from modgen.async_engine import AsyncEngine, EngineHooks
 from modgen.engine import StepStats
+from modgen.engine.async_engine import AsyncEngine, EngineHooks
 from modgen.outputs import RequestOutput
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)

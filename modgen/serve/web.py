@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from modgen.async_engine import EngineDeadError, QueueFullError
+from modgen.engine.async_engine import EngineDeadError, QueueFullError
 from modgen.outputs import RequestOutput
 from modgen.sampling_params import BadRequestError
 from modgen.serve.protocol import error_body

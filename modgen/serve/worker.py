@@ -33,8 +33,8 @@ def serve_engine(
     Should the engine fail for good (``Engine.is_healthy``), the server stops and this raises
     EngineDeadError, so the process exits non-zero and a supervisor (or the balancer, for a
     replica) restarts it; until it has stopped, /health answers 503."""
-    from modgen.async_engine import EngineDeadError
     from modgen.engine import Engine
+    from modgen.engine.async_engine import EngineDeadError
     from modgen.serve.app import create_app
     from modgen.serve.server import make_server, serve_forever
 

@@ -15,7 +15,6 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from modgen import registry
-from modgen.async_engine import AsyncEngine
 from modgen.bench.loadgen import LoadGenerator, arrival_times
 from modgen.bench.metrics import (
     GoodputConfig,
@@ -26,6 +25,7 @@ from modgen.bench.metrics import (
 )
 from modgen.bench.targets import EngineTarget, OpenAITarget, Target
 from modgen.engine import Engine
+from modgen.engine.async_engine import AsyncEngine
 from modgen.model import describe_model
 from modgen.registry import register
 from modgen.task import Task, TaskConfig

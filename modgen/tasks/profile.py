@@ -16,16 +16,16 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from modgen import registry
-from modgen.async_engine import AsyncEngine
 from modgen.bench.loadgen import LoadGenerator
 from modgen.bench.targets import EngineTarget
 from modgen.engine import Engine
-from modgen.executor import step_features
+from modgen.engine.async_engine import AsyncEngine
+from modgen.engine.executor import step_features
+from modgen.engine.scheduling import StepPlan
+from modgen.engine.sequence import Sequence
 from modgen.profiling import Profile, ProfileFit, features_of
 from modgen.registry import register
 from modgen.sampling_params import SamplingParams
-from modgen.scheduling import StepPlan
-from modgen.sequence import Sequence
 from modgen.task import Task, TaskConfig
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import torch
 
 from modgen import calibration, registry
 from modgen.attention import AttentionBackend, AttentionConfig, AttentionSpec
-from modgen.batch import RaggedBatch, ragged_batch
+from modgen.engine.batch import RaggedBatch, ragged_batch
 
 log = logging.getLogger(__name__)
 

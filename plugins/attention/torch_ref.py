@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from modgen.attention import AttentionBackend, AttentionConfig
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 from modgen.registry import register
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from modgen.attention import AttentionBackend, AttentionConfig, AttentionSpec
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 from modgen.kernels import interpreting, is_interpreted
 from modgen.registry import register
 

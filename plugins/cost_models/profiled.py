@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modgen.costs import CostModel, CostModelConfig, StepFeatures
+from modgen.engine.costs import CostModel, CostModelConfig, StepFeatures
 from modgen.model import ModelSpec
 from modgen.profiling import Profile, ProfileFit
 from modgen.registry import register

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modgen.bench.roofline import machine
-from modgen.costs import CostModel, CostModelConfig, StepFeatures
+from modgen.engine.costs import CostModel, CostModelConfig, StepFeatures
 from modgen.model import ModelSpec
 from modgen.registry import register
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from modgen import registry
-from modgen.batch import build_ragged_batch
-from modgen.clock import WallClock
-from modgen.executor import Executor, ExecutorConfig, ExecutorContext
-from modgen.sampler import Sampler
-from modgen.scheduling import StepPlan
-from modgen.sequence import Sequence
+from modgen.engine.batch import build_ragged_batch
+from modgen.engine.clock import WallClock
+from modgen.engine.executor import Executor, ExecutorConfig, ExecutorContext
+from modgen.engine.sampler import Sampler
+from modgen.engine.scheduling import StepPlan
+from modgen.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from modgen import registry
-from modgen.clock import VirtualClock
-from modgen.executor import Executor, ExecutorConfig, ExecutorContext, step_features
-from modgen.scheduling import StepPlan
+from modgen.engine.clock import VirtualClock
+from modgen.engine.executor import Executor, ExecutorConfig, ExecutorContext, step_features
+from modgen.engine.scheduling import StepPlan
 
 
 @registry.register("executor", "sim")

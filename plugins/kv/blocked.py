@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modgen.kv import KVAllocator, KVAllocatorConfig, OutOfBlocksError
+from modgen.engine.kv import KVAllocator, KVAllocatorConfig, OutOfBlocksError
 from modgen.registry import register
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modgen.attention import AttentionBackend
-from modgen.batch import RaggedBatch
+from modgen.engine.batch import RaggedBatch
 from modgen.model import CausalLM, ModelConfig, ModelSpec, read_hf_config, resolve_dtype
 from modgen.plugins.models import ops as cpu_ops
 from modgen.plugins.models.ops import TorchOps, rms_norm

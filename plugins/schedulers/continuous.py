@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modgen.engine.scheduling import Scheduler, SchedulerConfig, StepPlan
+from modgen.engine.sequence import Sequence
 from modgen.registry import register
 from modgen.sampling_params import BadRequestError
-from modgen.scheduling import Scheduler, SchedulerConfig, StepPlan
-from modgen.sequence import Sequence
 
 
 @register("scheduler", "continuous")

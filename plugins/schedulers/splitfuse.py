@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modgen.engine.scheduling import Scheduler, SchedulerConfig, StepPlan
 from modgen.registry import register
-from modgen.scheduling import Scheduler, SchedulerConfig, StepPlan
 
 
 @register("scheduler", "splitfuse")

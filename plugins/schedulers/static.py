@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modgen.engine.sequence import Sequence
 from modgen.plugins.schedulers.continuous import ContinuousScheduler
 from modgen.registry import register
-from modgen.sequence import Sequence
 
 
 @register("scheduler", "static")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modgen import register
-from modgen.scheduling import Scheduler, SchedulerConfig, StepPlan
+from modgen.engine.scheduling import Scheduler, SchedulerConfig, StepPlan
 
 
 @register("scheduler", "fifo_one")

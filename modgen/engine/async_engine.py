@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from modgen.engine import Engine, StepStats
+from modgen.engine.engine import Engine, StepStats
 from modgen.outputs import RequestOutput
 from modgen.sampling_params import SamplingParams
 

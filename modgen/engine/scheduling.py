@@ -10,9 +10,9 @@ from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 
-from modgen.kv import KVAllocator
+from modgen.engine.kv import KVAllocator
+from modgen.engine.sequence import SeqStatus, Sequence
 from modgen.sampling_params import BadRequestError
-from modgen.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True, slots=True)

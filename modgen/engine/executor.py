@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from modgen.clock import Clock
-from modgen.costs import StepFeatures
-from modgen.kv import KVAllocator
+from modgen.engine.clock import Clock
+from modgen.engine.costs import StepFeatures
+from modgen.engine.kv import KVAllocator
+from modgen.engine.scheduling import StepPlan
+from modgen.engine.sequence import Sequence
 from modgen.model import ModelSpec
-from modgen.scheduling import StepPlan
-from modgen.sequence import Sequence
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from modgen.sequence import Sequence
+from modgen.engine.sequence import Sequence
 
 
 class Sampler:

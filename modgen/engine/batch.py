@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modgen.kv import KVAllocator
-from modgen.scheduling import StepPlan
+from modgen.engine.kv import KVAllocator
+from modgen.engine.scheduling import StepPlan
 
 
 @dataclass

@@ -11,15 +11,15 @@ import torch
 from omegaconf import DictConfig
 
 from modgen import registry
-from modgen.clock import Clock
 from modgen.config import EngineConfig, typed
 from modgen.cpu_tuning import keep_allocations_on_heap
-from modgen.executor import Executor, ExecutorContext
-from modgen.kv import KVAllocator
+from modgen.engine.clock import Clock
+from modgen.engine.executor import Executor, ExecutorContext
+from modgen.engine.kv import KVAllocator
+from modgen.engine.scheduling import Scheduler, StepPlan
+from modgen.engine.sequence import FinishReason, SeqStatus, Sequence
 from modgen.model import ModelSpec, describe_model
 from modgen.sampling_params import BadRequestError, SamplingParams
-from modgen.scheduling import Scheduler, StepPlan
-from modgen.sequence import FinishReason, SeqStatus, Sequence
 from modgen.tokenizer import load_tokenizer, max_token_chars
 
 log = logging.getLogger(__name__)
