@@ -1,17 +1,19 @@
 """Step-time profiles: what ``task=profile`` measures and ``cost_model=profiled`` predicts from.
 
 A profile holds the real executor's time for steps over a grid (prompt chunks x context, decode
-batches x context, mixed steps at the token budget) and, from a short real run, the time between
-consecutive steps of the engine loop. ``ProfileFit`` models a step as
+batches x context, mixed steps at the token budget) and, from a short real closed-loop run, each
+step's features and the time to the next step's start. ``ProfileFit`` models a step as
 
     L(tokens) + a_p * prefill_pairs + a_d * decode_pairs + c_s * seqs        (the executor)
-    + o_0 + o_s * seqs                                                        (the engine loop)
+    + o                                                                       (the engine loop)
 
 where L is piecewise linear in the step's tokens with a knot at every token count of the grid
-(the linear layers' efficiency changes with the batch), fitted by least squares; the loop terms
-are fitted to the run's residuals. Inside the grid this interpolates; past its largest token
-count L continues the last segment's slope, and attention terms are linear in their pairs, so
-longer contexts than the grid's extrapolate linearly (such steps are counted).
+(the linear layers' efficiency changes with the batch) and ``o`` is the loop's own time between
+steps, seen only in the run's samples. All of it is fitted jointly, by least squares on
+relative errors (so short decode steps weigh as much as long prompt steps), cost terms kept
+non-negative. Inside the grid this interpolates; past its largest token count L continues the
+last segment's slope, and attention terms are linear in their pairs, so longer contexts than
+the grid's extrapolate linearly (such steps are counted).
 """
 
 from __future__ import annotations
@@ -100,23 +102,19 @@ class ProfileFit:
     """The step-time model fitted to a profile (see the module docstring)."""
 
     def __init__(self, profile: Profile) -> None:
-        grid = [(features_of(g), g["seconds"]) for g in profile.grid]
+        grid = [(features_of(g), g["seconds"], 0.0) for g in profile.grid]
+        loop = [(features_of(s), s["interval"], 1.0) for s in profile.loop]
         if len(grid) < 4:
             raise ValueError("a profile needs at least 4 grid points to fit")
-        self.knots = np.array(sorted({f.num_tokens for f, _ in grid}), dtype=float)
+        self.knots = np.array(sorted({f.num_tokens for f, _, _ in grid}), dtype=float)
         self.max_tokens = int(self.knots[-1])
-        self.max_context = max(f.max_context for f, _ in grid)
-        x = np.array([self._row(f) for f, _ in grid])
-        y = np.array([t for _, t in grid])
-        self.coef = _nonnegative_lstsq(x, y, first_free=len(self.knots))
-        resid = [
-            (f, interval - self.executor_time(f))
-            for f, interval in ((features_of(s), s["interval"]) for s in profile.loop)
-        ]
-        self.loop = np.zeros(2)
-        if len(resid) >= 2:
-            xo = np.array([[1.0, f.num_seqs] for f, _ in resid])
-            self.loop = _nonnegative_lstsq(xo, np.array([r for _, r in resid]), first_free=0)
+        self.max_context = max(f.max_context for f, _, _ in grid)
+        samples = [s for s in grid + loop if s[1] > 0]
+        # relative least squares: a 20 ms decode step counts as much as a 300 ms prefill
+        x = np.array([[*self._row(f), in_loop] for f, _, in_loop in samples])
+        t = np.array([t for _, t, _ in samples])
+        coef = _nonnegative_lstsq(x / t[:, None], np.ones(len(t)), first_free=len(self.knots))
+        self.coef, self.loop_overhead = coef[:-1], float(coef[-1])
 
     def _hats(self, tokens: float) -> np.ndarray:
         """Hat functions of the knots at ``tokens``, the outer ones continued linearly."""
@@ -137,8 +135,9 @@ class ProfileFit:
         return float(np.dot(self._row(f), self.coef))
 
     def predict(self, f: StepFeatures) -> float:
-        """Seconds from a step's start to the next step's start."""
-        return max(0.0, self.executor_time(f) + self.loop[0] + self.loop[1] * f.num_seqs)
+        """Seconds from a step's start to the next step's start (the executor, then the
+        engine loop's own time between steps)."""
+        return max(0.0, self.executor_time(f) + self.loop_overhead)
 
     def outside(self, f: StepFeatures) -> bool:
         """Whether ``f`` lies outside the profiled grid (the prediction extrapolates)."""

@@ -191,7 +191,7 @@ def _sequence(seq_id: int, prompt_len: int, outputs: int, computed: int | None =
         seq_id=seq_id,
         request_id=f"profile-{seq_id}",
         prompt_token_ids=[1] * prompt_len,
-        params=SamplingParams(max_tokens=max(outputs, 1) + 1, ignore_eos=True),
+        params=SamplingParams(max_tokens=max(outputs, 1) + 1, temperature=0.0, ignore_eos=True),
         max_total_tokens=prompt_len + 2,
     )
     seq.num_computed = prompt_len if computed is None else computed
