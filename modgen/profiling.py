@@ -9,7 +9,9 @@ step's features and the time to the next step's start. ``ProfileFit`` models a s
 
 where L is piecewise linear in the step's tokens with a knot at every token count of the grid
 (the linear layers' efficiency changes with the batch) and ``o`` is the loop's own time between
-steps, seen only in the run's samples. All of it is fitted jointly, by least squares on
+steps, seen only in the run's samples. The run's measured-over-predicted ratios are kept too: a
+simulation may scale each step by one drawn at random (seeded), so that its latency tails have
+the spread a real loop has, not just its mean. All of it is fitted jointly, by least squares on
 relative errors (so short decode steps weigh as much as long prompt steps), cost terms kept
 non-negative. Inside the grid this interpolates; past its largest token count L continues the
 last segment's slope, and attention terms are linear in their pairs, so longer contexts than
@@ -115,6 +117,9 @@ class ProfileFit:
         t = np.array([t for _, t, _ in samples])
         coef = _nonnegative_lstsq(x / t[:, None], np.ones(len(t)), first_free=len(self.knots))
         self.coef, self.loop_overhead = coef[:-1], float(coef[-1])
+        self.residuals = [t / self.predict(f) for f, t, _ in loop if t > 0 and self.predict(f) > 0]
+        """Measured over predicted, for each step of the real run: the spread a real loop has
+        around the fit (other work, the allocator, the OS), to draw from."""
 
     def _hats(self, tokens: float) -> np.ndarray:
         """Hat functions of the knots at ``tokens``, the outer ones continued linearly."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ class ProfiledCost(CostModel):
         ``python -m modgen task=profile`` with the same model settings)."""
         allow_mismatch: bool = False
         """Use a profile of another model, dtype or attention backend (results say so)."""
+        jitter: bool = True
+        """Scale each step by a measured-over-predicted ratio drawn from the profile's real
+        run, so latency percentiles carry a real loop's spread (False: the fit alone)."""
+        seed: int = 0
+        """Seed of those draws."""
 
     config: Config
 
@@ -60,12 +66,16 @@ class ProfiledCost(CostModel):
         if self.mismatch:
             log.warning("using profile %s despite: %s", path, "; ".join(self.mismatch))
         self.fit = ProfileFit(self.profile)
+        self.rng = random.Random(config.seed)
         self.num_steps = self.num_extrapolated = 0
 
     def step_time(self, f: StepFeatures) -> float:
         self.num_steps += 1
         self.num_extrapolated += self.fit.outside(f)
-        return self.fit.predict(f)
+        t = self.fit.predict(f)
+        if self.config.jitter and self.fit.residuals:
+            t *= self.rng.choice(self.fit.residuals)
+        return t
 
     def report(self) -> dict[str, Any]:
         return {
