@@ -107,3 +107,34 @@ def test_engine_step_small_preset(benchmark):
         engine.add_request([(3 * i + j) % 32000 for j in range(4000)], params)
     benchmark.pedantic(engine.step, rounds=15, warmup_rounds=2)
     assert engine.stats[-1].num_tokens == 512
+
+
+def test_simulated_steps_per_second(benchmark):
+    """executor=sim at FastGen's scale: Llama-2-70B on 4 simulated A100s, 256 requests of
+    FastGen's benchmark (prompts ~2600, outputs ~60) offline; reports steps simulated a second."""
+    sim = ["executor=sim", "cost_model=a100-80gb", "engine.tensor_parallel=4",
+           "kv_allocator.memory_gb=160", "+scheduler=splitfuse"]  # fmt: skip
+    specs = registry.build(
+        "workload",
+        {
+            "name": "synthetic",
+            "num_requests": 256,
+            "prompt_mean": 2600,
+            "output_mean": 60,
+            "max_prompt": 3900,
+            "max_output": 190,
+        },
+    ).requests(32000)
+
+    def simulate():
+        engine = LLM("llama-2-70b", overrides=sim).engine
+        for s in specs:
+            params = SamplingParams(max_tokens=s.output_len, ignore_eos=True, temperature=0)
+            engine.add_request(s.prompt, params)
+        while engine.has_unfinished():
+            engine.step()
+        return len(engine.stats)
+
+    steps = benchmark.pedantic(simulate, rounds=3)
+    benchmark.extra_info["steps_per_second"] = steps / benchmark.stats.stats.median
+    assert steps > 1000
