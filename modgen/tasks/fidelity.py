@@ -129,6 +129,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
     for ax, (key, (label, tol)) in zip(axes.flat, METRICS.items(), strict=False):
@@ -144,6 +145,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.fill_between(xs, [x * (1 - tol) for x in xs], [x * (1 + tol) for x in xs], alpha=0.15)
         ax.set(xscale="log", yscale="log", title=f"{label} (±{tol:.0%})", xlabel="measured",
                ylabel="simulated")  # fmt: skip
+        for axis in (ax.xaxis, ax.yaxis):  # minor-tick labels on a log axis overlap
+            axis.set_minor_formatter(NullFormatter())
     axes.flat[-1].axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[-1].legend(handles, labels, loc="center")
