@@ -207,3 +207,48 @@ async def _kill_during_load(url: str, api: str) -> dict:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
     return {"victim": victim, "kill_wall": kill_wall, "ended": ended, "still_running": len(pending)}
+
+
+def test_a_balancer_fronts_replicas_on_other_hosts(tmp_path):
+    """serve.replica_urls: replicas started elsewhere (here: a single-engine server on another
+    port) are health-checked and routed to; one that stops answering is taken out until it
+    answers again."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "mistral")
+    ports = {"replica": free_port(), "balancer": free_port()}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ports}  # noqa: SIM115
+    base = ["task=serve", "model=mistral", f"model.checkpoint={ckpt}", "+scheduler=splitfuse"]
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        args = [*base, f"serve.port={ports[name]}", f"hydra.run.dir={tmp_path / name}", *extra]
+        return subprocess.Popen([sys.executable, "-m", "modgen", *args], stdout=logs[name],
+                                stderr=logs[name])  # fmt: skip
+
+    def healthy(port: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    remote = f"http://127.0.0.1:{ports['replica']}"
+    replica = start("replica")
+    balancer = start("balancer", "serve.replicas=0", f"serve.replica_urls=[{remote}]",
+                     "serve.health_interval_s=0.2", "serve.health_failures=2")  # fmt: skip
+    url = f"http://127.0.0.1:{ports['balancer']}"
+    try:
+        wait_for(lambda: healthy(ports["replica"]) and healthy(ports["balancer"]), timeout=180)
+        r = httpx.post(f"{url}/v1/completions", json=SHORT, timeout=60)
+        assert r.status_code == 200 and r.headers["x-modgen-replica"] == "0"
+        (rep,) = replicas(url)
+        assert rep["remote"] == remote and rep["healthy"] and rep["pid"] is None
+        replica.kill()
+        replica.wait()
+        wait_for(lambda: httpx.get(f"{url}/health").status_code == 503, timeout=10)
+        assert httpx.post(f"{url}/v1/completions", json=SHORT, timeout=60).status_code >= 500
+        replica = start("replica")  # back on the same address: routed to again
+        wait_for(lambda: healthy(ports["balancer"]), timeout=180)
+        assert httpx.post(f"{url}/v1/completions", json=SHORT, timeout=60).status_code == 200
+    finally:
+        for proc in (replica, balancer):
+            proc.kill()
+        for log in logs.values():
+            log.close()

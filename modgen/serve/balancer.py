@@ -245,20 +245,23 @@ async def _relay(upstream: httpx.Response, rep: Replica, metrics: _Metrics) -> A
 
 
 def serve_replicas(root: DictConfig, cfg: ServeTask.Config, model_name: str, workdir: Path) -> None:
-    """Start ``cfg.replicas`` engine processes and serve the balancer until SIGTERM / Ctrl+C."""
+    """Start ``cfg.replicas`` engine processes (and front ``cfg.replica_urls``) and serve the
+    balancer until SIGTERM / Ctrl+C."""
     from modgen.serve.server import bind_socket, make_server, serve_forever
 
     sock = bind_socket(cfg.host, cfg.port)  # fail early if the port is taken
     workdir.mkdir(parents=True, exist_ok=True)
     replica_root = OmegaConf.to_container(root, resolve=True)
     replica_root["serve"].update(replicas=1, host="127.0.0.1", port=0, allow_remote=False)
+    replica_root["serve"]["replica_urls"] = []
     engine = replica_root["engine"]
     if engine.get("num_threads") is None and engine.get("device", "cpu") == "cpu":
         # replicas share the machine's cores instead of each taking all of them
-        engine["num_threads"] = max(1, (os.cpu_count() or 1) // cfg.replicas)
+        engine["num_threads"] = max(1, (os.cpu_count() or 1) // max(cfg.replicas, 1))
     config_path = workdir / "replica_config.yaml"
     OmegaConf.save(OmegaConf.create(replica_root), config_path)
     pool = ReplicaPool(config_path, cfg, workdir)
     app = create_balancer_app(pool, cfg)
     server = make_server(app, cfg.grace_period_s, pool.begin_shutdown, cfg.access_log)
-    serve_forever(server, sock, f"'{model_name}' with {cfg.replicas} replicas")
+    remote = f" and {len(cfg.replica_urls)} remote" if cfg.replica_urls else ""
+    serve_forever(server, sock, f"'{model_name}' with {cfg.replicas} replicas{remote}")

@@ -1,10 +1,14 @@
 """Replica processes: start, watch, restart, stop; and the least-outstanding-work choice.
 
-Each replica is ``python -m modgen.serve.worker`` on the same saved root config, listening on a
-free loopback port that it reports through a file. A replica that exits is noticed at once (its
-process is awaited); one that stops answering its health check ``health_failures`` times in a
-row is killed. Either way its open connections close, so requests in flight on it fail at once
+Each local replica is ``python -m modgen.serve.worker`` on the same saved root config, listening
+on a free loopback port that it reports through a file. A replica that exits is noticed at once
+(its process is awaited); one that stops answering its health check ``health_failures`` times in
+a row is killed. Either way its open connections close, so requests in flight on it fail at once
 rather than hang, and a new process takes its place.
+
+Remote replicas (``serve.replica_urls``: servers on other hosts, started there) are health-checked
+the same way: one that fails ``health_failures`` checks in a row takes no more requests until a
+check passes again (the balancer cannot restart what it did not start).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Replica:
     """One engine process and the balancer's bookkeeping of it."""
 
     index: int
+    remote: str | None = None
+    """Base URL of a replica on another host (None: a local process the pool manages)."""
     process: asyncio.subprocess.Process | None = None
     port: int | None = None
     healthy: bool = False
@@ -46,12 +52,12 @@ class Replica:
     @property
     def url(self) -> str:
         """Base URL of the replica."""
-        return f"http://127.0.0.1:{self.port}"
+        return self.remote or f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary."""
         pid = self.process.pid if self.process is not None else None
-        keys = ("index", "port", "healthy", "outstanding", "routed", "restarts")
+        keys = ("index", "url", "remote", "healthy", "outstanding", "routed", "restarts")
         return {"pid": pid, **{k: getattr(self, k) for k in keys}, "events": self.events}
 
 
@@ -61,6 +67,10 @@ class ReplicaPool:
     def __init__(self, config_path: Path, cfg: ServeTask.Config, workdir: Path) -> None:
         self.config_path, self.cfg, self.workdir = config_path, cfg, workdir
         self.replicas = [Replica(i) for i in range(cfg.replicas)]
+        self.replicas += [
+            Replica(cfg.replicas + j, remote=url.rstrip("/"))
+            for j, url in enumerate(cfg.replica_urls)
+        ]
         self.closing = False
         self._tasks: set[asyncio.Task] = set()
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
@@ -81,13 +91,19 @@ class ReplicaPool:
     # lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start every replica and wait until all are ready; if one cannot start, stop them all
-        and raise."""
+        """Start every local replica and wait until all are ready (if one cannot start, stop
+        them all and raise); check the remote ones once (those down take requests once a later
+        check passes)."""
         try:
-            await asyncio.gather(*(self._launch(r) for r in self.replicas))
+            await asyncio.gather(*(self._launch(r) for r in self.replicas if r.remote is None))
         except BaseException:
             await self.stop()
             raise
+        for rep in self.replicas:
+            if rep.remote is not None:
+                rep.healthy = await self._answers(rep)
+                log.info("replica %d: %s is %s", rep.index, rep.url,
+                         "up" if rep.healthy else "not answering yet")  # fmt: skip
         self._spawn(self._monitor())
 
     async def _launch(self, rep: Replica) -> None:
@@ -152,18 +168,33 @@ class ReplicaPool:
             return
 
     async def _monitor(self) -> None:
-        """Health-check the live replicas; kill one that fails too often (``_watch`` restarts)."""
+        """Health-check the live replicas (and every remote one); kill a local one that fails
+        too often (``_watch`` restarts it), take a remote one out until it answers again."""
         while not self.closing:
             await asyncio.sleep(self.cfg.health_interval_s)
             if not self.closing:
-                await asyncio.gather(*(self._check(r) for r in self.replicas if r.healthy))
+                await asyncio.gather(
+                    *(self._check(r) for r in self.replicas if r.healthy or r.remote)
+                )
+
+    async def _answers(self, rep: Replica) -> bool:
+        try:
+            return (await self._http.get(f"{rep.url}/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     async def _check(self, rep: Replica) -> None:
-        try:
-            ok = (await self._http.get(f"{rep.url}/health")).status_code == 200
-        except httpx.HTTPError:
-            ok = False
+        ok = await self._answers(rep)
         rep.failures = 0 if ok else rep.failures + 1
+        if rep.remote is not None:
+            if ok and not rep.healthy:
+                log.info("replica %d: %s answers again", rep.index, rep.url)
+                rep.healthy = True
+            elif rep.failures >= self.cfg.health_failures and rep.healthy:
+                log.error("replica %d: %s failed %d health checks; taking it out", rep.index,
+                          rep.url, rep.failures)  # fmt: skip
+                rep.healthy = False
+            return
         if rep.failures >= self.cfg.health_failures and rep.process is not None:
             log.error("replica %d: %d failed health checks; killing it", rep.index, rep.failures)
             rep.healthy = False

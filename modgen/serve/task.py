@@ -56,7 +56,12 @@ class ServeTask(Task):
         allow_remote: bool = False
         """Explicitly allow a non-loopback host (other machines can then connect)."""
         replicas: int = 1
-        """Engine processes; more than 1 puts a least-outstanding-work balancer in front."""
+        """Engine processes; more than 1 (or any replica_urls) puts a least-outstanding-work
+        balancer in front."""
+        replica_urls: list[str] = field(default_factory=list)
+        """Replicas on other hosts (``http://HOST:PORT`` of a modgen server, or any
+        OpenAI-compatible one answering ``/health``), fronted beside the local ones; with them,
+        replicas may be 0 (a balancer only)."""
         api_keys: list[str] = field(default_factory=list)
         """Accepted keys (``Authorization: Bearer KEY``) on every /v1 route; empty: no check."""
         max_queued: int | None = 256
@@ -94,7 +99,16 @@ class ServeTask(Task):
                 )
             checks = [
                 (0 <= self.port <= 65535, "port", "in [0, 65535]"),
-                (self.replicas >= 1, "replicas", ">= 1"),
+                (
+                    self.replicas >= (0 if self.replica_urls else 1),
+                    "replicas",
+                    ">= 1 (or >= 0 with replica_urls)",
+                ),
+                (
+                    all(u.startswith(("http://", "https://")) for u in self.replica_urls),
+                    "replica_urls",
+                    "http:// or https:// URLs",
+                ),
                 (self.max_queued is None or self.max_queued >= 1, "max_queued", ">= 1 or null"),
                 (self.grace_period_s >= 0, "grace_period_s", ">= 0"),
                 (self.health_interval_s > 0, "health_interval_s", "> 0"),
@@ -123,7 +137,7 @@ class ServeTask(Task):
             log.warning(
                 "serving on %s without serve.api_keys: anyone who can reach it may use it", cfg.host
             )
-        if cfg.replicas == 1:
+        if cfg.replicas == 1 and not cfg.replica_urls:
             from modgen.serve.server import bind_socket
             from modgen.serve.worker import serve_engine
 
@@ -132,4 +146,4 @@ class ServeTask(Task):
             from modgen.serve.balancer import serve_replicas
 
             serve_replicas(root, cfg, name, output_dir)
-        return {"served_model_name": name, "replicas": cfg.replicas}
+        return {"served_model_name": name, "replicas": cfg.replicas + len(cfg.replica_urls)}
