@@ -35,7 +35,11 @@ class EngineConfig:
     """On CPU, keep allocations up to 32 MiB on glibc's heap instead of mmap (fewer page faults
     per step; process-wide)."""
     tensor_parallel: int = 1
-    """Ranks the model is split over (today only executor=sim's cost model uses it)."""
+    """Ranks the model is split over (one process each: started by the engine on this host, or
+    by torchrun across hosts); executor=sim's cost model reads it too."""
+    tp_timeout_s: float = 120.0
+    """With tensor_parallel > 1: how long a step may wait for a rank before it fails (a rank
+    that died fails the step at once)."""
     cap_max_tokens: bool = False
     """A request whose prompt plus max_tokens exceeds the context: false refuses it (HTTP 400,
     as OpenAI and vLLM do); true caps max_tokens to the room left."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from modgen.attention import AttentionBackend, AttentionSpec
 from modgen.engine.batch import RaggedBatch
+from modgen.engine.parallel import Parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_LINEAR_LAYOUTS = ("blas", "blas_t", "onednn")
@@ -147,6 +148,8 @@ class CausalLM(nn.Module, ABC):
     """A decoder-only LM. Implementations set the shape attributes below in ``__init__``."""
 
     Config = ModelConfig
+    supports_tensor_parallel: bool = False
+    """Whether the model can be built as one rank's shard (``parallel``) of several."""
 
     spec: ModelSpec
     num_layers: int
@@ -159,10 +162,18 @@ class CausalLM(nn.Module, ABC):
     eos_token_ids: list[int]
     dtype: torch.dtype
 
-    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, device: torch.device, parallel: Parallel | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.device = device
+        self.parallel = parallel or Parallel()
+        if self.parallel.world > 1 and not self.supports_tensor_parallel:
+            raise ValueError(
+                f"model '{type(self).registry_name}' cannot be split over ranks "
+                "(engine.tensor_parallel must be 1 for it)"
+            )
 
     @classmethod
     @abstractmethod

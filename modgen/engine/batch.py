@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,8 +42,10 @@ class RaggedBatch:
         return self.query_lens.shape[0]
 
 
-def build_ragged_batch(plan: StepPlan, kv: KVAllocator, device: torch.device) -> RaggedBatch:
-    """Flatten ``plan`` into tensors; one pass over the chunks, the rest is tensor arithmetic."""
+def step_inputs(plan: StepPlan, kv: KVAllocator) -> dict[str, Any]:
+    """What a step's ragged batch is made of (token ids, chunk starts and lengths, padded block
+    tables, which chunks complete, the block size), as CPU tensors: one pass over the chunks.
+    Small: it is what tensor-parallel ranks are sent each step."""
     token_ids: list[int] = []
     starts: list[int] = []
     lens: list[int] = []
@@ -58,16 +61,27 @@ def build_ragged_batch(plan: StepPlan, kv: KVAllocator, device: torch.device) ->
     padded = [t + [0] * (max_blocks - len(t)) for t in tables]
 
     def as_tensor(x: list) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64, device=device)
+        return torch.tensor(x, dtype=torch.int64)
 
-    return ragged_batch(
-        input_ids=as_tensor(token_ids),
-        starts=as_tensor(starts),
-        lens=as_tensor(lens),
-        block_tables=as_tensor(padded),
-        completes=as_tensor([c.completes for c in plan.chunks]).bool(),
-        block_size=kv.block_size,
-    )
+    return {
+        "input_ids": as_tensor(token_ids),
+        "starts": as_tensor(starts),
+        "lens": as_tensor(lens),
+        "block_tables": as_tensor(padded),
+        "completes": as_tensor([c.completes for c in plan.chunks]).bool(),
+        "block_size": kv.block_size,
+    }
+
+
+def build_ragged_batch(plan: StepPlan, kv: KVAllocator, device: torch.device) -> RaggedBatch:
+    """Flatten ``plan`` into tensors on ``device``; the rest is tensor arithmetic."""
+    return batch_of(step_inputs(plan, kv), device)
+
+
+def batch_of(inputs: dict[str, Any], device: torch.device) -> RaggedBatch:
+    """The RaggedBatch of ``step_inputs``, on ``device``."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return ragged_batch(**moved)
 
 
 def ragged_batch(

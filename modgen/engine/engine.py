@@ -93,7 +93,7 @@ class Engine:
         ctx = ExecutorContext(
             spec=spec, kv=kv, model=cfg.model, attention=cfg.attention,
             cost_model=cfg.get("cost_model"), device=device, seed=engine_cfg.seed,
-            tensor_parallel=engine_cfg.tensor_parallel,
+            tensor_parallel=engine_cfg.tensor_parallel, tp_timeout_s=engine_cfg.tp_timeout_s,
         )  # fmt: skip
         executor = registry.build("executor", cfg.executor, ctx)
         tokenizer = load_tokenizer(spec.checkpoint)

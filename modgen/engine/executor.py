@@ -14,6 +14,7 @@ import torch
 from modgen.engine.clock import Clock
 from modgen.engine.costs import StepFeatures
 from modgen.engine.kv import KVAllocator
+from modgen.engine.parallel import Parallel
 from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import Sequence
 from modgen.model import ModelSpec
@@ -43,6 +44,12 @@ class ExecutorContext:
     seed: int = 0
     """Sampling seed of requests without a seed of their own."""
     tensor_parallel: int = 1
+    """Ranks the model is split over."""
+    parallel: Parallel | None = None
+    """This process's rank when it has already joined its peers (a tensor-parallel worker);
+    None: the executor joins (or starts) them itself."""
+    tp_timeout_s: float = 120.0
+    """How long a collective may wait for a rank before the step fails."""
 
 
 class Executor(ABC):

@@ -1,20 +1,24 @@
 """``executor=model`` (the default): runs a torch model over the paged KV cache, on the wall
-clock."""
+clock; with ``engine.tensor_parallel=N`` over N ranks (see ``modgen.engine.parallel``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from modgen import registry
-from modgen.engine.batch import build_ragged_batch
+from modgen.engine.batch import batch_of, step_inputs
 from modgen.engine.clock import WallClock
 from modgen.engine.executor import Executor, ExecutorConfig, ExecutorContext
+from modgen.engine.parallel import Parallel
 from modgen.engine.sampler import Sampler
 from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import Sequence
+from modgen.plugins.executors import ranks
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +26,11 @@ log = logging.getLogger(__name__)
 @registry.register("executor", "model")
 class ModelExecutor(Executor):
     """Builds the model and the attention backend, owns the KV-cache tensors, and each step
-    builds the ragged batch, runs the forward pass and samples the rows that need a token."""
+    builds the ragged batch, runs the forward pass and samples the rows that need a token.
+
+    With ``engine.tensor_parallel`` N > 1 this process is rank 0: it starts ranks 1..N-1 on this
+    host (or joins torchrun's), holds its own shard of the model and of the KV cache (its KV
+    heads), and sends each step's inputs to the others before running its shard."""
 
     @dataclass(kw_only=True)
     class Config(ExecutorConfig):
@@ -30,29 +38,75 @@ class ModelExecutor(Executor):
 
     def __init__(self, config: ExecutorConfig, ctx: ExecutorContext) -> None:
         super().__init__(config, ctx)
-        if ctx.tensor_parallel != 1:
-            raise ValueError(
-                f"engine.tensor_parallel={ctx.tensor_parallel}: executor=model runs on one "
-                "device; executor=sim simulates tensor parallelism"
-            )
         self.clock = WallClock()
-        self.model = registry.build("model", ctx.model, device=ctx.device)
-        self.attn = registry.build("attention", ctx.attention)
-        self.attn.check(self.model.attention_spec())
+        self.workers: list[Any] = []
+        self.parallel = ctx.parallel or self._join(ctx)
+        extra = {"parallel": self.parallel} if self.parallel.world > 1 else {}
+        self.model = registry.build("model", ctx.model, device=ctx.device, **extra)
+        self.attn = self._attention(ctx.attention)
         self.device = self.model.device
-        shape = (ctx.kv.num_blocks * ctx.kv.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        num_kv_heads = self.model.attention_spec().num_kv_heads  # this rank's
+        shape = (ctx.kv.num_blocks * ctx.kv.block_size, num_kv_heads, self.spec.head_dim)
         with torch.inference_mode():
             self.kv_caches = [
                 tuple(torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in "kv")
                 for _ in range(self.spec.num_layers)
             ]
         self.sampler = Sampler(ctx.seed, argmax=self.model.argmax)
+        if self.parallel.world > 1 and ctx.parallel is None and not self.parallel.is_first:
+            self.serve_steps()  # a torchrun rank other than 0: serve rank 0's steps, then end
+            raise SystemExit(0)
+
+    def _join(self, ctx: ExecutorContext) -> Parallel:
+        """This process's place among ``ctx.tensor_parallel`` ranks (starting the others on
+        this host unless torchrun did)."""
+        n = ctx.tensor_parallel
+        if n == 1:
+            return Parallel()
+        ranks.check(n, ctx)
+        if ctx.device.type == "cpu":  # the ranks share the cores instead of each taking all
+            torch.set_num_threads(ranks.threads_per_rank(n))
+        parallel, self.workers = ranks.join(n, ctx)
+        log.info("tensor parallel: rank %d of %d", parallel.rank, n)
+        return parallel
+
+    def _attention(self, node: Any) -> Any:
+        """The attention backend; over several ranks, the one rank 0 chose (``auto`` measures
+        on rank 0 alone, so every rank runs the same)."""
+        spec = self.model.attention_spec()
+        if self.parallel.world > 1:
+            if self.parallel.is_first:
+                attn = registry.build("attention", node)
+                attn.check(spec)
+                chosen = getattr(attn, "chosen", None) or attn
+                self.parallel.broadcast(dataclasses.asdict(chosen.config))
+                return attn
+            node = self.parallel.broadcast()
+        attn = registry.build("attention", node)
+        attn.check(spec)
+        return attn
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits ``[R, vocab]``, one row per chunk that completes its sequence, in plan order."""
-        batch = build_ragged_batch(plan, self.kv, self.device)
+        inputs = step_inputs(plan, self.kv)
+        if self.parallel.world > 1:
+            ranks.check_alive(self.workers)
+            self.parallel.broadcast(("step", inputs))
+        return self._run(inputs)
+
+    def _run(self, inputs: dict[str, Any]) -> torch.Tensor:
+        batch = batch_of(inputs, self.device)
         return self.model(batch, self.kv_caches, self.attn, self.attn.prepare(batch))
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """A rank other than 0: run each step rank 0 sends, until it says stop."""
+        while True:
+            what, inputs = self.parallel.broadcast()
+            if what == "stop":
+                return
+            self._run(inputs)
 
     def execute(self, plan: StepPlan, banned: list[list[int]]) -> list[int | Exception]:
         logits = self.forward(plan)
@@ -82,4 +136,8 @@ class ModelExecutor(Executor):
     def describe(self) -> str:
         chosen = getattr(self.attn, "chosen_label", None)
         attn = self.attn.registry_name + (f" ({chosen})" if chosen else "")
-        return f"model {self.model.registry_name} on {self.device}, attention={attn}"
+        tp = f", tensor parallel {self.parallel.world}" if self.parallel.world > 1 else ""
+        return f"model {self.model.registry_name} on {self.device}, attention={attn}{tp}"
+
+    def report(self) -> dict[str, Any]:
+        return {"tensor_parallel": self.parallel.world}
