@@ -12,12 +12,12 @@ from test_e2e_hf import GREEDY, SCHEDULES, capture_first_logits
 
 from modgen import LLM, calibration, registry
 from modgen.attention import AttentionSpec
+from modgen.blocks import ops
+from modgen.blocks.ops import rms_norm
 from modgen.kernels import cpu
 from modgen.kernels.testing import random_batch
 from modgen.plugins.attention.torch_ref import TorchAttention
-from modgen.plugins.models import ops
 from modgen.plugins.models.llama import rotate
-from modgen.plugins.models.ops import rms_norm
 
 Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
 CTX_LENS = [9, 7, 20, 40, 13, 1, 100]

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from modgen.attention import AttentionBackend
+from modgen.blocks import ops as cpu_ops
+from modgen.blocks.ops import TorchOps, rms_norm
 from modgen.engine.batch import RaggedBatch
 from modgen.model import CausalLM, ModelConfig, ModelSpec, read_hf_config, resolve_dtype
-from modgen.plugins.models import ops as cpu_ops
-from modgen.plugins.models.ops import TorchOps, rms_norm
 from modgen.registry import register
 from modgen.weights import WeightRule, load_weights
 
