@@ -2,6 +2,12 @@
 first loads plugins; third-party packages register through the ``modgen.plugins`` entry points."""
 
 BUILTIN = (
+    "modgen.plugins.models.blocks.norms",
+    "modgen.plugins.models.blocks.position",
+    "modgen.plugins.models.blocks.attention",
+    "modgen.plugins.models.blocks.mlp",
+    "modgen.plugins.models.blocks.moe",
+    "modgen.plugins.models.blocks.layers",
     "modgen.plugins.models.llama",
     "modgen.plugins.kv.blocked",
     "modgen.plugins.schedulers.splitfuse",

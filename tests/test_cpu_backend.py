@@ -17,7 +17,7 @@ from modgen.blocks.ops import rms_norm
 from modgen.kernels import cpu
 from modgen.kernels.testing import random_batch
 from modgen.plugins.attention.torch_ref import TorchAttention
-from modgen.plugins.models.llama import rotate
+from modgen.plugins.models.blocks.position import rotate
 
 Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
 CTX_LENS = [9, 7, 20, 40, 13, 1, 100]
@@ -279,7 +279,7 @@ def test_each_backend_matches_transformers(
     )
     model = llm.engine.executor.model
     assert model.ops.name == ("cpp" if path is KERNELS else "torch")
-    assert type(model.layers[0].qkv).__name__ == ("OneDNNLinear" if path is KERNELS else "Linear")
+    assert type(model.layers[0].attn.qkv).__name__ == ("OneDNNLinear" if path is KERNELS else "Linear")
     assert llm.engine.executor.attn.registry_name == path[0].split("=")[1]
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)
@@ -308,7 +308,7 @@ def test_forced_linear_layouts_and_a_tied_head(checkpoints):
     model = LLM(
         "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=blas_t"]
     ).engine.executor.model
-    qkv = model.layers[0].qkv.weight
+    qkv = model.layers[0].attn.qkv.weight
     assert qkv.stride() == (1, qkv.shape[0]) and qkv.t().is_contiguous()
     tiny = ["model.tie_word_embeddings=true", *TINY]
     tied = LLM("llama", overrides=[*tiny, "model.cpu_linear=blas_t"]).engine.executor.model

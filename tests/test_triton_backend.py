@@ -20,7 +20,7 @@ from modgen.attention import AttentionSpec
 from modgen.plugins.attention import triton as triton_plugin
 from modgen.plugins.attention.torch_ref import TorchAttention
 from modgen.plugins.attention.triton import TritonAttention
-from modgen.plugins.models.llama import rotate
+from modgen.plugins.models.blocks.position import rotate
 
 
 def spec(**changes) -> AttentionSpec:

@@ -71,8 +71,10 @@ class PositionEncoding(Block):
         """``h`` [T, hidden] with position embeddings added (unchanged for RoPE)."""
         return h
 
-    def max_positions(self, configured: int) -> int:
-        """The longest context this encoding serves exactly, given the configured one."""
+    @classmethod
+    def served_context(cls, configured: int, **settings: Any) -> int:
+        """The longest context this encoding, with these settings, serves exactly, given the
+        configured one (which it is by default)."""
         return configured
 
 
