@@ -96,7 +96,7 @@ class _Call(ctypes.Structure):
         *[(n, ctypes.c_void_p) for n in ("query_start", "context_lens", "block_tables")],
         *[(n, ctypes.c_int64) for n in ("q_stride", "k_stride", "v_stride", "num_tokens")],
         *[(n, ctypes.c_int64) for n in ("num_seqs", "max_blocks", "hq", "hkv")],
-        *[(n, ctypes.c_int64) for n in ("block_size", "window")],
+        *[(n, ctypes.c_int64) for n in ("block_size", "window", "rot_dim")],
         ("scale", ctypes.c_float),
     ]
 
@@ -192,9 +192,10 @@ def paged_attention(
     windowed when ``sliding_window`` is set).
 
     ``new_kv=(k, v, slot_mapping)`` writes this step's keys and values ([T, Hkv, D]) into their
-    slots first; otherwise they must be in the cache already. ``rope=(cos, sin)`` ([T, 1, D] or
-    [T, D]) rotates the queries and the new keys on the way (Hugging Face's rotate_half
-    convention). ``isa`` picks the kernel build (default: the widest this CPU runs).
+    slots first; otherwise they must be in the cache already. ``rope=(cos, sin)`` ([T, 1, R] or
+    [T, R], R <= D even) rotates the first R dims of the queries and the new keys on the way
+    (Hugging Face's rotate_half convention; R < D is partial rotary). ``isa`` picks the kernel
+    build (default: the widest this CPU runs).
     """
     num_tokens, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -214,10 +215,13 @@ def paged_attention(
             raise ValueError(f"slot_mapping must be {num_tokens} contiguous int64")
         call.slot_mapping = slots.data_ptr()
     if rope is not None:
-        cos, sin = (x.reshape(num_tokens, d) for x in rope)
+        rot = rope[0].shape[-1]
+        cos, sin = (x.reshape(num_tokens, rot) for x in rope)
         if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
-            raise ValueError("rope tables must be contiguous float32 [T, D]")
-        call.cos, call.sin = cos.data_ptr(), sin.data_ptr()
+            raise ValueError("rope tables must be contiguous float32 [T, R]")
+        if rot > d or rot % 2:
+            raise ValueError(f"rope tables rotate {rot} dims: an even number up to {d} is needed")
+        call.cos, call.sin, call.rot_dim = cos.data_ptr(), sin.data_ptr(), rot
     out = torch.empty((num_tokens, hq, d), dtype=q.dtype)
     call.k_cache, call.v_cache, call.out = k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
     call.query_start, call.context_lens = query_start.data_ptr(), context_lens.data_ptr()

@@ -186,13 +186,14 @@ struct ModgenAttentionCall {
   const float *q;  // [T, hq, HEAD_DIM] rows q_stride floats apart
   const float *k;  // [T, hkv, HEAD_DIM] rows k_stride apart: this step's keys, or null
   const float *v;  // [T, hkv, HEAD_DIM] rows v_stride apart: this step's values
-  const float *cos, *sin;       // [T, HEAD_DIM] rotary tables, or null: q and k are rotated
+  const float *cos, *sin;       // [T, rot_dim] rotary tables, or null: q and k are rotated
   const int64_t *slot_mapping;  // [T] cache slot of each new key and value
   float *k_cache, *v_cache;     // [slots, hkv, HEAD_DIM]
   float *out;                   // [T, hq, HEAD_DIM], contiguous
   const int64_t *query_start, *context_lens, *block_tables;
   int64_t q_stride, k_stride, v_stride, num_tokens, num_seqs, max_blocks;
   int64_t hq, hkv, block_size, window;
+  int64_t rot_dim;  // head dims the rotary tables rotate (the first ones; partial rotary)
   float scale;
 };
 }
@@ -201,18 +202,20 @@ namespace {
 
 using Args = ModgenAttentionCall;
 
-// x rotated by its token's cos/sin (Hugging Face's rotate_half convention) into dst.
-inline void rope(const float *x, const float *cos, const float *sin, float *dst) {
-  constexpr int half = HEAD_DIM / 2;
-  for (int d = 0; d < half; ++d) dst[d] = x[d] * cos[d] - x[d + half] * sin[d];
-  for (int d = half; d < HEAD_DIM; ++d) dst[d] = x[d] * cos[d] + x[d - half] * sin[d];
+// x rotated by its token's cos/sin (Hugging Face's rotate_half convention) into dst: the first
+// rot dims rotate in halves, the others (partial rotary) pass through.
+inline void rope(const float *x, const float *cos, const float *sin, int64_t rot, float *dst) {
+  const int64_t half = rot / 2;
+  for (int64_t d = 0; d < half; ++d) dst[d] = x[d] * cos[d] - x[d + half] * sin[d];
+  for (int64_t d = half; d < rot; ++d) dst[d] = x[d] * cos[d] + x[d - half] * sin[d];
+  for (int64_t d = rot; d < HEAD_DIM; ++d) dst[d] = x[d];
 }
 
 // Query row (token t, head) into dst, rotated if the call has rope tables, times the scale.
 inline void load_query(const Args &a, int64_t t, int64_t head, float *dst) {
   const float *x = a.q + t * a.q_stride + head * HEAD_DIM;
   if (a.cos != nullptr) {
-    rope(x, a.cos + t * HEAD_DIM, a.sin + t * HEAD_DIM, dst);
+    rope(x, a.cos + t * a.rot_dim, a.sin + t * a.rot_dim, a.rot_dim, dst);
     for (int d = 0; d < HEAD_DIM; ++d) dst[d] *= a.scale;
   } else {
     for (int d = 0; d < HEAD_DIM; ++d) dst[d] = x[d] * a.scale;
@@ -226,7 +229,7 @@ inline void write_kv(const Args &a, int64_t t) {
     const int64_t off = (slot * a.hkv + h) * HEAD_DIM;
     const float *k = a.k + t * a.k_stride + h * HEAD_DIM;
     if (a.cos != nullptr) {
-      rope(k, a.cos + t * HEAD_DIM, a.sin + t * HEAD_DIM, a.k_cache + off);
+      rope(k, a.cos + t * a.rot_dim, a.sin + t * a.rot_dim, a.rot_dim, a.k_cache + off);
     } else {
       std::memcpy(a.k_cache + off, k, HEAD_DIM * sizeof(float));
     }

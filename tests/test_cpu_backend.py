@@ -279,7 +279,9 @@ def test_each_backend_matches_transformers(
     )
     model = llm.engine.executor.model
     assert model.ops.name == ("cpp" if path is KERNELS else "torch")
-    assert type(model.layers[0].attn.qkv).__name__ == ("OneDNNLinear" if path is KERNELS else "Linear")
+    assert type(model.layers[0].attn.qkv).__name__ == (
+        "OneDNNLinear" if path is KERNELS else "Linear"
+    )
     assert llm.engine.executor.attn.registry_name == path[0].split("=")[1]
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)

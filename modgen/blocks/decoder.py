@@ -225,12 +225,17 @@ class DecoderLM(CausalLM):
             halves = {"gate": slice(0, rows // 2), "up": slice(rows // 2, rows)}
             return packed[shard] if shard in packed else halves[shard]
 
-        ignore = self.ignored_weights
+        rules, ignore = self.checkpoint_rules(), self.ignored_weights
         if a.tie_word_embeddings:  # a tied head may be saved too: it is the embedding
-            heads = [r.hf for r in self.weight_rules if r.param == "lm_head.weight"]
+            heads = [r.hf for r in rules if r.param == "lm_head.weight"]
             ignore = (*ignore, *(f"^{re.escape(h)}$" for h in heads))
-        load_weights(self, checkpoint, list(self.weight_rules), shard_slice, a.num_layers, ignore)
+        load_weights(self, checkpoint, rules, shard_slice, a.num_layers, ignore)
         log.info("loaded %s from %s", self.registry_name, checkpoint)
+
+    def checkpoint_rules(self) -> list[WeightRule]:
+        """The weight map of this model's checkpoint (``weight_rules``; a family whose layouts
+        name their tensors differently picks by ``self.arch``)."""
+        return list(self.weight_rules)
 
     def _cpu_linear_layouts(self, setting: str) -> None:
         """Run each linear layer the way ``model.cpu_linear`` says (``auto``: the layout
