@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from batches import random_step
 from test_e2e_hf import GREEDY, SCHEDULES, capture_first_logits
 
 from modgen import LLM, calibration, registry
@@ -15,7 +16,6 @@ from modgen.attention import AttentionSpec
 from modgen.blocks import ops
 from modgen.blocks.ops import rms_norm
 from modgen.kernels import cpu
-from modgen.kernels.testing import random_batch
 from modgen.plugins.attention.torch_ref import TorchAttention
 from modgen.plugins.models.blocks.position import rotate
 
@@ -45,7 +45,7 @@ LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV 
 @pytest.mark.parametrize("lens", LENS)
 @pytest.mark.parametrize("isa", cpu.machine_isas())
 def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens, isa):
-    batch, num_slots = random_batch(*LENS[lens], block_size, seed=1)
+    batch, num_slots = random_step(*LENS[lens], block_size, seed=1)
     q, k, v, rope = qkv_rope(batch.num_tokens, hq, hkv, d)
     gen = torch.Generator().manual_seed(2)
     cache = [torch.randn(num_slots, hkv, d, generator=gen) for _ in range(2)]
@@ -65,7 +65,7 @@ def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens
 @pytest.mark.parametrize("isa", cpu.machine_isas()[:2])
 def test_kernel_serves_any_head_dim(d, isa):
     """Head dims of the model families (Phi-2's 80, Gemma's 256...), whole vectors or not."""
-    batch, num_slots = random_batch(*LENS["many"], 16, seed=7)
+    batch, num_slots = random_step(*LENS["many"], 16, seed=7)
     q, k, v, rope = qkv_rope(batch.num_tokens, 8, 2, d, seed=d)
     cache = [torch.randn(num_slots, 2, d) for _ in range(2)]
     ref = TorchAttention(TorchAttention.Config())
@@ -76,8 +76,26 @@ def test_kernel_serves_any_head_dim(d, isa):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("d", "rot"), [(80, 32), (20, 8), (64, 48)])
+def test_kernel_rotates_the_first_rotary_dims(d, rot):
+    """Partial rotary (Phi-2: 32 of 80 dims): the first ``rot`` dims rotate, the rest pass."""
+    batch, num_slots = random_step(*LENS["many"], 5, seed=11)
+    q, k, v, _ = qkv_rope(batch.num_tokens, 8, 2, d, seed=d)
+    angle = torch.randn(batch.num_tokens, 1, rot // 2).repeat(1, 1, 2)
+    rope = (angle.cos(), angle.sin())
+    cache = [torch.randn(num_slots, 2, d) for _ in range(2)]
+    ref_cache = [c.clone() for c in cache]
+    ref = TorchAttention(TorchAttention.Config())
+    want = ref.forward(rotate(q, *rope), rotate(k, *rope), v, ref_cache, batch,
+                       ref.prepare(batch), d**-0.5, None)  # fmt: skip
+    attn = registry.build("attention", {"name": "cpu"})
+    got = attn.forward(q, k, v, cache, batch, None, d**-0.5, None, rope=rope)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache[0], ref_cache[0], rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_without_rope_or_write_reads_the_cache_as_it_is():
-    batch, num_slots = random_batch(Q_LENS, CTX_LENS, 4, seed=3)
+    batch, num_slots = random_step(Q_LENS, CTX_LENS, 4, seed=3)
     q, _, _, _ = qkv_rope(batch.num_tokens, 8, 2, 32)
     cache = [torch.randn(num_slots, 2, 32) for _ in range(2)]
     ref = TorchAttention(TorchAttention.Config())
@@ -91,7 +109,7 @@ def test_kernel_without_rope_or_write_reads_the_cache_as_it_is():
 
 
 def test_kernel_names_bad_tensors():
-    batch, num_slots = random_batch([2], [5], 4)
+    batch, num_slots = random_step([2], [5], 4)
     q = torch.randn(2, 4, 16)
     cache = [torch.zeros(num_slots, 2, 16) for _ in range(2)]
     args = (batch.query_start, batch.context_lens, batch.block_tables, 4, 1.0, None)
