@@ -101,7 +101,7 @@ def load_weights(
     """
     params = dict(module.named_parameters())
     compiled = [(rule, rule.pattern()) for rule in rules]
-    expected = _expected(params, rules, num_layers)
+    expected = _expected(params, rules, num_layers, shard_slice)
     loaded: set[Target] = set()
     unexpected, errors = [], []
     for name, tensor in iter_tensors(checkpoint):
@@ -118,6 +118,7 @@ def load_weights(
             dest = dest[shard_slice(shard, dest.shape[0])]
         if tuple(dest.shape) != tuple(tensor.shape):
             errors.append(f"{name}: expected {tuple(dest.shape)}, found {tuple(tensor.shape)}")
+            loaded.add(target)  # named as mis-shaped, not as missing too
             continue
         with torch.no_grad():
             dest.copy_(tensor.to(dest.dtype))
@@ -134,21 +135,29 @@ def load_weights(
 
 
 def _expected(
-    params: dict[str, nn.Parameter], rules: list[WeightRule], num_layers: int
+    params: dict[str, nn.Parameter],
+    rules: list[WeightRule],
+    num_layers: int,
+    shard_slice: Callable[[str, int], slice],
 ) -> dict[Target, str]:
-    """Each target the rules fill in this module -> the checkpoint name (and shape) that would
-    fill it, for error messages."""
+    """Each target the rules fill in this module -> the checkpoint name that would fill it and
+    the shape it must have, for error messages."""
     expected: dict[Target, str] = {}
     for rule in rules:
         for i in range(num_layers) if "{i}" in rule.param else [None]:
             param = rule.param.format(i=i)
             if param not in params:
                 continue
-            shape = params[param].shape
+            shape = tuple(params[param].shape)
             experts = range(shape[0]) if "{e}" in rule.hf else [None]
+            if "{e}" in rule.hf:
+                shape = shape[1:]
+            if rule.shard is not None:
+                rows = range(shape[0])[shard_slice(rule.shard, shape[0])]
+                shape = (len(rows), *shape[1:])
             for e in experts:
                 hf = rule.hf.replace("{i}", str(i)).replace("{e}", str(e))
-                expected[(param, e, rule.shard)] = hf
+                expected[(param, e, rule.shard)] = f"{hf} {shape}"
     return expected
 
 

@@ -135,6 +135,7 @@ def spec(**changes) -> AttentionSpec:
         (dict(dtype=torch.bfloat16), "computes in float32; the model's dtype is torch.bfloat16"),
         (dict(num_heads=6, num_kv_heads=4), "cannot group 6 query heads over 4 KV heads"),
         (dict(num_heads=130, num_kv_heads=2), "cannot group 130 query heads over 2"),
+        (dict(rotary_dim=70), "rotates an even number of dims up to head_dim 64, not rotary"),
     ],
 )
 def test_check_says_why_it_cannot_run(changes, reason):

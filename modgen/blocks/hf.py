@@ -32,9 +32,11 @@ def merge_hf(config: Any, hf: dict[str, Any]) -> Any:
             values[name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             values[name] = f.default_factory()
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta"))
-    partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    params = dict(hf.get("rope_parameters") or {})
+    rope = dict(hf.get("rope_scaling") or params)  # rope_scaling wins, as in transformers
+    theta = rope.pop("rope_theta", params.get("rope_theta", hf.get("rope_theta")))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    partial = rope.pop("partial_rotary_factor", partial)
     if "rope_theta" in fields and theta is not None:
         values["rope_theta"] = theta
     if "partial_rotary_factor" in fields and partial is not None:
