@@ -55,3 +55,18 @@ def test_registering_checks_the_interface_and_duplicates():
         @register_block("norm", "test_scale")
         class Other(ScaleNorm):
             pass
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 37])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_block_matches_transformers(kind, tokens):
+    """Grouped by expert (gather, one matmul per active expert, scatter-add), with more experts
+    than tokens (1 and 3 tokens over 8 experts) and fewer; Qwen2-MoE's shared expert too."""
+    from moe_pair import STEP, moe_pair
+
+    hf, ours = moe_pair(kind, 32, 48, 8, 2, shared=40 if kind == "qwen2_moe" else 0)
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        want = hf(x[None])[0]
+        got = ours(x, STEP)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
