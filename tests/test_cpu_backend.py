@@ -113,7 +113,7 @@ def test_kernel_names_bad_tensors():
     q = torch.randn(2, 4, 16)
     cache = [torch.zeros(num_slots, 2, 16) for _ in range(2)]
     args = (batch.query_start, batch.context_lens, batch.block_tables, 4, 1.0, None)
-    with pytest.raises(ValueError, match=r"q must be a float32 CPU tensor, not torch.float64"):
+    with pytest.raises(ValueError, match=r"q must be a float32 CPU tensor, not Double"):
         cpu.paged_attention(q.double(), *cache, *args)
     with pytest.raises(ValueError, match=r"q must be \[T, 4, 16\] with packed heads"):
         cpu.paged_attention(q.transpose(1, 2).contiguous().transpose(1, 2), *cache, *args)
@@ -226,36 +226,52 @@ def test_default_attention_is_auto_and_measured(checkpoints):
 
 
 def test_fused_rms_norm_and_swiglu_match_torch():
-    lib = cpu.load(64)
     gen = torch.Generator().manual_seed(4)
     x, res = torch.randn(2, 37, 100, generator=gen)  # 100 columns: a vector tail too
     w = torch.randn(100, generator=gen)
-    out, h = cpu.rms_norm(lib, x, w, 1e-5)
+    out, h = cpu.rms_norm(x, w, 1e-5)
     torch.testing.assert_close(out, rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
     assert h is x
-    out, h = cpu.rms_norm(lib, x, w, 1e-5, residual=res)
+    out, h = cpu.rms_norm(x, w, 1e-5, residual=res)
     torch.testing.assert_close(h, x + res)
     torch.testing.assert_close(out, rms_norm(x + res, w, 1e-5), rtol=1e-5, atol=1e-5)
     gate_up = torch.randn(37, 2 * 70, generator=gen) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(
-        cpu.silu_mul(lib, gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5
+        cpu.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5
     )
     with pytest.raises(ValueError, match="gate_up must be a contiguous float32 CPU tensor"):
-        cpu.silu_mul(lib, gate_up.double())
+        cpu.silu_mul(gate_up.double())
 
 
 def test_argmax_kernel_matches_torch_and_takes_the_first_tie():
-    lib = cpu.load()
     gen = torch.Generator().manual_seed(5)
     for shape in [(33, 32000), (3, 17), (1, 96)]:
         x = torch.randn(*shape, generator=gen)
-        assert torch.equal(cpu.argmax(lib, x), x.argmax(-1))
+        assert torch.equal(cpu.argmax(x), x.argmax(-1))
     ties = torch.zeros(3, 40)
     ties[:, [5, 30]] = 1.0
     ties[1, 39] = 2.0
     ties[2] = float("-inf")
-    assert cpu.argmax(lib, ties).tolist() == ties.argmax(-1).tolist() == [5, 39, 0]
+    assert cpu.argmax(ties).tolist() == ties.argmax(-1).tolist() == [5, 39, 0]
+
+
+def test_fused_ops_are_torch_operators_that_need_no_attention_build(monkeypatch):
+    """The element-wise kernels and the arg-max are torch operators of one build per
+    instruction set: using them builds no attention kernel (none per head dim)."""
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("an attention kernel was built")
+
+    monkeypatch.setattr(cpu, "load", no_build)
+    fused = ops.CppOps()
+    logits = torch.randn(4, 1000)
+    assert torch.equal(fused.argmax(logits), logits.argmax(-1))
+    assert torch.ops.modgen.argmax.default.name() == "modgen::argmax"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(
+        fused.rms_norm(x, torch.ones(64), 1e-5)[0], rms_norm(x, torch.ones(64), 1e-5)
+    )
 
 
 TINY = ["model.num_hidden_layers=1", "model.vocab_size=128", "model.hidden_size=64",
