@@ -1,11 +1,19 @@
-"""The CPU kernels (``cpu_kernels.cpp``: paged attention, fused RMSNorm and SwiGLU): built with
-the machine's C++ compiler on first use, cached, and called through ctypes.
+"""The CPU kernels, as torch operators (``torch.ops.modgen``): fused RMSNorm and SwiGLU, the
+greedy arg-max and paged attention. Built with the machine's C++ compiler on first use, cached.
 
-The build takes about half a second and needs no torch headers: the kernel takes raw pointers.
-It is compiled for the head dim it will serve (``-DHEAD_DIM``) and for the building machine
-(``-march=native``); the cache key holds both, the source's hash and the compiler, so a change to
-any of them builds afresh. ``MODGEN_CACHE_DIR`` moves the cache (default
-``~/.cache/modgen/kernels``); ``CXX`` picks the compiler (default ``g++``).
+Two kinds of build, both for the machine (``-march=native``) and linked against the OpenMP
+runtime torch has loaded (one thread pool, sized by ``torch.set_num_threads``):
+
+- ``cpu_ops.cpp``: the operators, compiled against torch's headers, once per instruction set
+  (the widest this CPU runs; about ten seconds, once);
+- ``cpu_kernels.cpp``: the attention kernel, compiled for one head dim (``-DHEAD_DIM``) and
+  instruction set without torch's headers (half a second), registered with the operator library
+  on load. A model's head dim costs one such build; the other operators need none.
+
+The cache key holds the sources' hash, the flags, the compiler and torch's version, so a change
+to any of them builds afresh. ``MODGEN_CACHE_DIR`` moves the cache (default
+``~/.cache/modgen/kernels``); ``CXX`` picks the compiler (default ``g++``). A side-by-side
+measurement of these operators against the ctypes calls they replace is in docs/notes.md.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+OPS_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+COMMON = Path(__file__).with_name("cpu_common.h")
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-std=c++17"]
 ISA_FLAGS = {
     "avx512": ["-march=native"],
@@ -61,6 +72,7 @@ def compiler() -> str:
     return path
 
 
+@cache
 def machine_isas() -> list[str]:
     """The instruction sets this CPU runs that the kernel has a build for, widest first.
 
@@ -87,91 +99,85 @@ def openmp_runtime() -> Path | None:
     return Path(found.pop()) if len(found) == 1 else None
 
 
-class _Call(ctypes.Structure):
-    """Mirror of ``ModgenAttentionCall`` in cpu_kernels.cpp."""
-
-    _fields_ = [
-        *[(n, ctypes.c_void_p) for n in ("q", "k", "v", "cos", "sin", "slot_mapping")],
-        *[(n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "out")],
-        *[(n, ctypes.c_void_p) for n in ("query_start", "context_lens", "block_tables")],
-        *[(n, ctypes.c_int64) for n in ("q_stride", "k_stride", "v_stride", "num_tokens")],
-        *[(n, ctypes.c_int64) for n in ("num_seqs", "max_blocks", "hq", "hkv")],
-        *[(n, ctypes.c_int64) for n in ("block_size", "window")],
-        ("scale", ctypes.c_float),
-    ]
-
-
-def _build(cxx: str, flags: list[str], link: list[str], lib_path: Path) -> None:
+def _build(source: Path, cxx: str, flags: list[str], link: list[str], lib_path: Path) -> None:
     """Compile, then link against torch's OpenMP runtime (one runtime, one thread pool)."""
     lib_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
         obj, tmp_lib = Path(tmp) / "kernels.o", Path(tmp) / lib_path.name
         for cmd in (
-            [cxx, *flags, "-c", str(SOURCE), "-o", str(obj)],
+            [cxx, *flags, "-c", str(source), "-o", str(obj)],
             [cxx, "-shared", str(obj), *link, "-o", str(tmp_lib)],
         ):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelBuildError(
-                    f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr}"
+                    f"building {source.name} failed ({' '.join(cmd)}):\n{proc.stderr}"
                 )
         os.replace(tmp_lib, lib_path)  # atomic: concurrent builders never see half a file
 
 
 @cache
 def source_hash() -> str:
-    """A short hash of the kernel source (names the code a calibration measured)."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """A short hash of the kernel sources (names the code a calibration measured)."""
+    sources = b"".join(p.read_bytes() for p in (SOURCE, OPS_SOURCE, COMMON))
+    return hashlib.sha256(sources).hexdigest()[:16]
+
+
+def _link_openmp() -> list[str]:
+    """Linker arguments for torch's OpenMP runtime (the compiler's own where it is unknown)."""
+    omp = openmp_runtime()
+    return [str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else ["-fopenmp"]
+
+
+def _cached_build(source: Path, name: str, cxx: str, flags: list[str], link: list[str]) -> Path:
+    """The library ``name`` built from ``source``, from the cache or built now."""
+    key = hashlib.sha256(
+        (
+            source_hash() + " ".join([cxx, *flags, *link, platform.machine(), platform.node()])
+        ).encode()
+    ).hexdigest()[:16]
+    lib_path = cache_dir() / f"{name}_{key}.so"
+    if not lib_path.exists():
+        _build(source, cxx, flags, link, lib_path)
+    return lib_path
+
+
+@cache
+def ops() -> Any:
+    """The operators (``torch.ops.modgen``), built for the widest instruction set this CPU runs
+    if they are not cached yet."""
+    from torch.utils import cpp_extension
+
+    isa, cxx = machine_isas()[0], compiler()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    flags = [*FLAGS, "-std=c++20", *ISA_FLAGS[isa], f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             *(f"-isystem{p}" for p in cpp_extension.include_paths())]  # fmt: skip
+    link = [f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}", *_link_openmp()]
+    name = f"cpu_ops_{isa}_torch{torch.__version__}"
+    torch.ops.load_library(str(_cached_build(OPS_SOURCE, name, cxx, flags, link)))
+    return torch.ops.modgen
 
 
 @cache
 def load(head_dim: int = 64, isa: str | None = None) -> ctypes.CDLL:
-    """The kernel library for ``head_dim`` and instruction set ``isa`` (default: the widest this
-    CPU runs), built if it is not cached yet. The element-wise kernels work whatever head dim the
-    library was built for."""
+    """The attention kernel for ``head_dim`` and instruction set ``isa`` (default: the widest
+    this CPU runs), built if it is not cached yet and registered with the operators."""
     isas = machine_isas()
     isa = isa or isas[0]
     if isa not in isas:
         raise KernelBuildError(f"this CPU runs the kernels' {isas} builds, not {isa!r}")
     cxx = compiler()
     flags = [*FLAGS, *ISA_FLAGS[isa], f"-DHEAD_DIM={head_dim}"]
-    omp = openmp_runtime()
-    link = [str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else ["-fopenmp"]
-    key = hashlib.sha256(
-        SOURCE.read_bytes()
-        + " ".join([cxx, *flags, *link, platform.machine(), platform.node()]).encode()
-    ).hexdigest()[:16]
-    lib_path = cache_dir() / f"cpu_kernels_d{head_dim}_{isa}_{key}.so"
-    if not lib_path.exists():
-        _build(cxx, flags, link, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    path = _cached_build(SOURCE, f"cpu_kernels_d{head_dim}_{isa}", cxx, flags, _link_openmp())
+    lib = ctypes.CDLL(str(path))
     lib.modgen_isa.restype = ctypes.c_char_p
     built = lib.modgen_isa().decode()
     if built != isa:
         raise KernelBuildError(f"asked {cxx} for {isa} code ({' '.join(flags)}), got {built}")
-    lib.modgen_attention_f32.restype = ctypes.c_int
-    lib.modgen_attention_f32.argtypes = [ctypes.POINTER(_Call)]
-    lib.modgen_rms_norm_f32.restype = None
-    lib.modgen_rms_norm_f32.argtypes = (
-        [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    )
-    lib.modgen_argmax_f32.restype = None
-    lib.modgen_argmax_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    lib.modgen_silu_mul_f32.restype = None
-    lib.modgen_silu_mul_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    address = ctypes.cast(lib.modgen_attention_f32, ctypes.c_void_p).value
+    ops().register_attention(isa, head_dim, address)
     return lib
-
-
-def _rows(name: str, t: torch.Tensor, heads: int, head_dim: int) -> int:
-    """Row stride of a [T, heads, head_dim] float32 CPU tensor whose heads are packed."""
-    if t.dtype != torch.float32 or t.device.type != "cpu":
-        raise ValueError(f"{name} must be a float32 CPU tensor, not {t.dtype} on {t.device}")
-    if t.dim() != 3 or t.shape[1:] != (heads, head_dim) or t.stride()[1:] != (head_dim, 1):
-        raise ValueError(
-            f"{name} must be [T, {heads}, {head_dim}] with packed heads; got shape "
-            f"{tuple(t.shape)}, strides {t.stride()}"
-        )
-    return t.stride(0)
 
 
 def paged_attention(
@@ -192,89 +198,39 @@ def paged_attention(
     windowed when ``sliding_window`` is set).
 
     ``new_kv=(k, v, slot_mapping)`` writes this step's keys and values ([T, Hkv, D]) into their
-    slots first; otherwise they must be in the cache already. ``rope=(cos, sin)`` ([T, 1, D] or
-    [T, D]) rotates the queries and the new keys on the way (Hugging Face's rotate_half
-    convention). ``isa`` picks the kernel build (default: the widest this CPU runs).
+    slots first; otherwise they must be in the cache already. ``rope=(cos, sin)`` ([T, 1, R] or
+    [T, R], R <= D even) rotates the first R dims of the queries and the new keys on the way
+    (Hugging Face's rotate_half convention; R < D is partial rotary). ``isa`` picks the kernel
+    build (default: the widest this CPU runs).
     """
-    num_tokens, hq, d = q.shape
-    hkv = k_cache.shape[1]
-    call = _Call(q=q.data_ptr(), q_stride=_rows("q", q, hq, d), num_tokens=num_tokens)
-    for name, t in [("k_cache", k_cache), ("v_cache", v_cache)]:
-        _rows(name, t, hkv, d)
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    index = [query_start, context_lens, block_tables]
-    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in index):
-        raise ValueError("query_start, context_lens and block_tables must be contiguous int64")
-    if new_kv is not None:
-        k, v, slots = new_kv
-        call.k, call.k_stride = k.data_ptr(), _rows("k", k, hkv, d)
-        call.v, call.v_stride = v.data_ptr(), _rows("v", v, hkv, d)
-        if slots.dtype != torch.int64 or not slots.is_contiguous() or len(slots) != num_tokens:
-            raise ValueError(f"slot_mapping must be {num_tokens} contiguous int64")
-        call.slot_mapping = slots.data_ptr()
-    if rope is not None:
-        cos, sin = (x.reshape(num_tokens, d) for x in rope)
-        if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
-            raise ValueError("rope tables must be contiguous float32 [T, D]")
-        call.cos, call.sin = cos.data_ptr(), sin.data_ptr()
-    out = torch.empty((num_tokens, hq, d), dtype=q.dtype)
-    call.k_cache, call.v_cache, call.out = k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
-    call.query_start, call.context_lens = query_start.data_ptr(), context_lens.data_ptr()
-    call.block_tables = block_tables.data_ptr()
-    call.num_seqs, call.max_blocks = context_lens.shape[0], block_tables.shape[1]
-    call.hq, call.hkv, call.block_size = hq, hkv, block_size
-    call.window, call.scale = sliding_window or 0, scale
-    if load(d, isa).modgen_attention_f32(ctypes.byref(call)) != 0:
-        raise ValueError(f"{hq} query heads over {hkv} KV heads: groups over 64 are not supported")
-    return out
-
-
-def _plain(name: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous float32 CPU tensor")
+    isa = isa or machine_isas()[0]
+    load(q.shape[-1], isa)  # cached after the first call for this head dim
+    k, v, slots = new_kv or (None, None, None)
+    cos, sin = rope or (None, None)
+    return ops().paged_attention(
+        q, k_cache, v_cache, query_start, context_lens, block_tables, block_size, scale,
+        sliding_window or 0, k, v, slots, cos, sin, isa,
+    )  # fmt: skip
 
 
 def rms_norm(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,  # [rows, cols]
+    x: torch.Tensor,  # [rows, cols] float32, contiguous
     weight: torch.Tensor,  # [cols]
     eps: float,
     residual: torch.Tensor | None = None,  # [rows, cols]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight * rms_normalised(h), h)`` with ``h = x + residual`` (or ``x``), in one pass."""
-    for name, t in [("x", x), ("weight", weight)] + (
-        [] if residual is None else [("residual", residual)]
-    ):
-        _plain(name, t)
-    out = torch.empty_like(x)
-    h = x if residual is None else torch.empty_like(x)
-    lib.modgen_rms_norm_f32(
-        x.data_ptr(),
-        None if residual is None else residual.data_ptr(),
-        None if residual is None else h.data_ptr(),
-        weight.data_ptr(),
-        out.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        eps,
-    )
-    return out, h
+    if residual is None:
+        return ops().rms_norm(x, weight, eps), x
+    return ops().add_rms_norm(x, residual, weight, eps)
 
 
-def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a packed ``[rows, 2 * inter]`` projection, in one pass."""
-    _plain("gate_up", gate_up)
-    rows, width = gate_up.shape
-    out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
-    lib.modgen_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
-    return out
+    return ops().silu_mul(gate_up)
 
 
-def argmax(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` of a [rows, cols] float32 tensor (first index on ties), a few times faster
     than torch's on the CPU."""
-    _plain("x", x)
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    lib.modgen_argmax_f32(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
-    return out
+    return ops().argmax(x)

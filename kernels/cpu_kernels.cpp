@@ -1,5 +1,5 @@
-// CPU kernels, float32: paged attention, and the ops around it that torch would run in several
-// passes (RMSNorm with its residual add, SwiGLU's silu(gate) * up, the greedy arg-max).
+// The CPU's paged-attention kernel, float32 (the element-wise kernels and the torch operators
+// that call this one are in cpu_ops.cpp).
 //
 // Paged attention: one call per layer attends every query of a ragged batch (prompt chunks and
 // decodes) to its sequence's keys and values, read straight out of the paged cache through the
@@ -14,10 +14,12 @@
 // ModgenAttentionCall.
 //
 // Built at run time by modgen/kernels/cpu.py with -DHEAD_DIM=<d>, once per instruction set
-// (cpu.py's ISA table). Vectors are GCC vector extensions of the instruction set's native width
-// (16 floats for AVX-512, 8 for AVX2, 4 for NEON or SSE), never wider: a vector type wider than
-// the hardware is split or scalarised by the compiler, which made a 16-float build 20x slower on
-// AVX2. Register blocking follows the register count (32 or 16).
+// (cpu.py's ISA table), with no torch headers (half a second); the torch operator
+// modgen::paged_attention calls the build for its head dim. Vectors are GCC vector extensions of
+// the instruction set's native width (16 floats for AVX-512, 8 for AVX2, 4 for NEON or SSE),
+// never wider: a vector type wider than the hardware is split or scalarised by the compiler,
+// which made a 16-float build 20x slower on AVX2. Register blocking follows the register count
+// (32 or 16).
 
 #include <omp.h>
 
@@ -34,22 +36,7 @@
 #error "build with -DHEAD_DIM=<head dim>"
 #endif
 
-#if defined(__AVX512F__)
-#define MODGEN_ISA "avx512"
-constexpr int W = 16, NREG = 32;
-#elif defined(__AVX2__)
-#define MODGEN_ISA "avx2"
-constexpr int W = 8, NREG = 16;
-#elif defined(__ARM_NEON) || defined(__aarch64__)
-#define MODGEN_ISA "neon"
-constexpr int W = 4, NREG = 32;
-#elif defined(__SSE2__)
-#define MODGEN_ISA "sse"
-constexpr int W = 4, NREG = 16;
-#else
-#define MODGEN_ISA "generic"
-constexpr int W = 4, NREG = 16;
-#endif
+#include "cpu_common.h"
 
 namespace {
 
@@ -80,50 +67,7 @@ constexpr int RB = NREG >= 32 ? 4 : 2;
 constexpr int CG = DC < (NREG / 2) / RB ? DC : (NREG / 2) / RB;
 static_assert(KT % W == 0 && KT % NJ == 0, "a key tile is whole vectors and whole key blocks");
 
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-
-inline vf load(const float *src) {
-  vf v;
-  std::memcpy(&v, src, sizeof(v));
-  return v;
-}
-
-inline void store(float *dst, vf v) { std::memcpy(dst, &v, sizeof(v)); }
-
-// exp for a vector: 2^n * e^f with |f| <= ln2 / 2 and a degree-6 polynomial for e^f (relative
-// error near 2e-7). Inputs below -87 give e^-87 (about 1.6e-38): masked lanes are zeroed apart.
-inline vf vexp(vf x) {
-  x = x < -87.0f ? vf{} - 87.0f : x;
-  vf t = x * 1.44269504088896341f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (t + magic) - magic;
-  vf f = x - n * 0.693359375f;
-  f = f + n * 2.12194440e-4f;
-  vf p = vf{} + 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  vf y = p * f * f + f + 1.0f;
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int j = 1; j < W; ++j) m = v[j] > m ? v[j] : m;
-  return m;
-}
-
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int j = 0; j < W; ++j) s += v[j];
-  return s;
-}
+using namespace modgen;
 
 // The W lane sums of W vectors, as one vector, by halving: each level folds pairs of vectors
 // into one holding both inputs' partial sums, segment by segment. Output lane i at fold size s
@@ -180,39 +124,25 @@ struct Scratch {
 
 }  // namespace
 
-extern "C" {
-// One call's arguments (mirrored by a ctypes.Structure in modgen/kernels/cpu.py).
-struct ModgenAttentionCall {
-  const float *q;  // [T, hq, HEAD_DIM] rows q_stride floats apart
-  const float *k;  // [T, hkv, HEAD_DIM] rows k_stride apart: this step's keys, or null
-  const float *v;  // [T, hkv, HEAD_DIM] rows v_stride apart: this step's values
-  const float *cos, *sin;       // [T, HEAD_DIM] rotary tables, or null: q and k are rotated
-  const int64_t *slot_mapping;  // [T] cache slot of each new key and value
-  float *k_cache, *v_cache;     // [slots, hkv, HEAD_DIM]
-  float *out;                   // [T, hq, HEAD_DIM], contiguous
-  const int64_t *query_start, *context_lens, *block_tables;
-  int64_t q_stride, k_stride, v_stride, num_tokens, num_seqs, max_blocks;
-  int64_t hq, hkv, block_size, window;
-  float scale;
-};
-}
 
 namespace {
 
 using Args = ModgenAttentionCall;
 
-// x rotated by its token's cos/sin (Hugging Face's rotate_half convention) into dst.
-inline void rope(const float *x, const float *cos, const float *sin, float *dst) {
-  constexpr int half = HEAD_DIM / 2;
-  for (int d = 0; d < half; ++d) dst[d] = x[d] * cos[d] - x[d + half] * sin[d];
-  for (int d = half; d < HEAD_DIM; ++d) dst[d] = x[d] * cos[d] + x[d - half] * sin[d];
+// x rotated by its token's cos/sin (Hugging Face's rotate_half convention) into dst: the first
+// rot dims rotate in halves, the others (partial rotary) pass through.
+inline void rope(const float *x, const float *cos, const float *sin, int64_t rot, float *dst) {
+  const int64_t half = rot / 2;
+  for (int64_t d = 0; d < half; ++d) dst[d] = x[d] * cos[d] - x[d + half] * sin[d];
+  for (int64_t d = half; d < rot; ++d) dst[d] = x[d] * cos[d] + x[d - half] * sin[d];
+  for (int64_t d = rot; d < HEAD_DIM; ++d) dst[d] = x[d];
 }
 
 // Query row (token t, head) into dst, rotated if the call has rope tables, times the scale.
 inline void load_query(const Args &a, int64_t t, int64_t head, float *dst) {
   const float *x = a.q + t * a.q_stride + head * HEAD_DIM;
   if (a.cos != nullptr) {
-    rope(x, a.cos + t * HEAD_DIM, a.sin + t * HEAD_DIM, dst);
+    rope(x, a.cos + t * a.rot_dim, a.sin + t * a.rot_dim, a.rot_dim, dst);
     for (int d = 0; d < HEAD_DIM; ++d) dst[d] *= a.scale;
   } else {
     for (int d = 0; d < HEAD_DIM; ++d) dst[d] = x[d] * a.scale;
@@ -226,7 +156,7 @@ inline void write_kv(const Args &a, int64_t t) {
     const int64_t off = (slot * a.hkv + h) * HEAD_DIM;
     const float *k = a.k + t * a.k_stride + h * HEAD_DIM;
     if (a.cos != nullptr) {
-      rope(k, a.cos + t * HEAD_DIM, a.sin + t * HEAD_DIM, a.k_cache + off);
+      rope(k, a.cos + t * a.rot_dim, a.sin + t * a.rot_dim, a.rot_dim, a.k_cache + off);
     } else {
       std::memcpy(a.k_cache + off, k, HEAD_DIM * sizeof(float));
     }
@@ -607,71 +537,4 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
   }
   return 0;
 }
-}
-
-// Fused element-wise ops: one pass over memory each instead of torch's four or five; rows in
-// parallel.
-extern "C" {
-
-// out = weight * h / sqrt(mean(h^2) + eps) per row, where h = x + residual (also written to
-// residual_out) when residual is given, else h = x.
-void modgen_rms_norm_f32(const float *x, const float *residual, float *residual_out,
-                         const float *weight, float *out, int64_t rows, int64_t cols, float eps) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *h = x + r * cols;
-    if (residual != nullptr) {
-      float *hr = residual_out + r * cols;
-      const float *rr = residual + r * cols;
-      for (int64_t c = 0; c < cols; ++c) hr[c] = h[c] + rr[c];
-      h = hr;
-    }
-    vf sq = vf{};
-    int64_t c = 0;
-    for (; c + W <= cols; c += W) {
-      const vf v = load(h + c);
-      sq += v * v;
-    }
-    float total = hsum(sq);
-    for (; c < cols; ++c) total += h[c] * h[c];
-    const float inv = 1.0f / std::sqrt(total / static_cast<float>(cols) + eps);
-    float *o = out + r * cols;
-    for (c = 0; c < cols; ++c) o[c] = weight[c] * (h[c] * inv);
-  }
-}
-
-// out[r, :] = silu(gate_up[r, :inter]) * gate_up[r, inter:]
-void modgen_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t inter) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *g = gate_up + r * 2 * inter;
-    const float *u = g + inter;
-    float *o = out + r * inter;
-    int64_t c = 0;
-    for (; c + W <= inter; c += W) {
-      const vf gv = load(g + c);
-      store(o + c, gv / (1.0f + vexp(vf{} - gv)) * load(u + c));
-    }
-    for (; c < inter; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
-  }
-}
-}
-
-// Greedy sampling: the index of each row's largest value (the first, on ties, as torch.argmax).
-extern "C" void modgen_argmax_f32(const float *x, int64_t *out, int64_t rows, int64_t cols) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *row = x + r * cols;
-    vf best = vf{} - std::numeric_limits<float>::infinity();
-    int64_t c = 0;
-    for (; c + W <= cols; c += W) {
-      const vf v = load(row + c);
-      best = v > best ? v : best;
-    }
-    float m = hmax(best);
-    for (; c < cols; ++c) m = row[c] > m ? row[c] : m;
-    int64_t idx = 0;
-    while (idx < cols && !(row[idx] >= m)) ++idx;
-    out[r] = idx < cols ? idx : 0;
-  }
 }

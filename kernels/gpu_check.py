@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from modgen.kernels import interpreting
-from modgen.kernels.kv_write import rope_kv_write, rope_kv_write_ref
-from modgen.kernels.paged_attention import AttentionPlan, paged_attention
-from modgen.kernels.paged_attention_ref import paged_attention_ref
-from modgen.kernels.rms_norm import add_rms_norm, rms_norm_ref
-from modgen.kernels.swiglu import swiglu, swiglu_ref
-from modgen.kernels.testing import padded_batch, random_batch
+from . import interpreting
+from .kv_write import rope_kv_write, rope_kv_write_ref
+from .paged_attention import paged_attention
+from .paged_attention_ref import paged_attention_ref
+from .rms_norm import add_rms_norm, rms_norm_ref
+from .swiglu import swiglu, swiglu_ref
+from .testing import padded_batch, plan_for, random_batch
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # max rel err
 
@@ -149,7 +149,7 @@ def check_attention(case, s: Sizes, dtype, autotune: bool, device: str) -> Row:
     q = randn(batch.num_tokens, s.heads, s.head_dim, dtype=dtype, device=device)
     k_cache, v_cache = (randn(num_slots, s.kv_heads, s.head_dim, dtype=dtype, device=device)
                         for _ in "kv")  # fmt: skip
-    plan = AttentionPlan.from_batch(batch, num_splits=splits)
+    plan = plan_for(batch, num_splits=splits)
     scale = s.head_dim**-0.5
 
     def run() -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import triton
 
-from modgen.kernels import is_interpreted
+from . import is_interpreted
 
 
 def check_runnable(kernel: Any, x: torch.Tensor) -> None:

@@ -6,20 +6,19 @@ Reference: ``paged_attention_ref`` in ``paged_attention_ref.py``.
 
 A program takes a tile of one sequence's query tokens times the ``GROUP`` query heads that share
 one KV head (rows token-major, head-minor, so decodes of a GQA model still fill the tile), and
-one split of the KV positions that tile can see.
+one split of the KV positions that tile can see. A head dim that is not a power of two is
+padded to one (HEAD_PAD lanes, those past HEAD_DIM masked: loaded as zeros, never stored).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from modgen.engine.batch import RaggedBatch
-from modgen.kernels.launch import Tunable, check_runnable, config, next_pow2
+from .launch import Tunable, check_runnable, config, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -28,23 +27,25 @@ LOG2E = 1.4426950408889634
 def _attend(
     q, pos, kv_lo, kv_hi, seq, kv_head, k_cache_ptr, v_cache_ptr, block_tables_ptr,
     stride_ct, stride_ch, stride_bt, block_size, window, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax of queries ``q`` [M, D] at positions ``pos`` [M] over KV positions
-    [kv_lo, kv_hi) of ``seq``, read through its block table: (acc [M, D], max, sum) in log2."""
-    d = tl.arange(0, HEAD_DIM)
+    """Online softmax of queries ``q`` [M, DP] at positions ``pos`` [M] over KV positions
+    [kv_lo, kv_hi) of ``seq``, read through its block table: (acc [M, DP], max, sum) in log2."""
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD_DIM
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         kpos = start + tl.arange(0, BLOCK_N)  # [N]
         kv_ok = kpos < kv_hi
         blk = tl.load(block_tables_ptr + seq * stride_bt + kpos // block_size, mask=kv_ok, other=0)
         slot = blk.to(tl.int64) * block_size + kpos % block_size
         kv_off = slot[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)  # [N, D]
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)
+        kv_mask = kv_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, DP]
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
         seen = kv_ok[None, :] & (kpos[None, :] <= pos[:, None])
         if HAS_WINDOW:
@@ -67,8 +68,9 @@ def _attn_kernel(
     stride_qt, stride_qh, stride_ct, stride_ch, stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt, stride_bt,
     num_splits, block_size, window, scale_log2,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (query tile, KV head, split): the tile's rows are its tokens x the GROUP query
     heads of the KV head. Writes normalized outputs (and, when SPLIT, each row's log2-sum-exp
@@ -84,9 +86,10 @@ def _attn_kernel(
     tok = t0 + rows // GROUP  # [M] flat token row
     head = kv_head * GROUP + rows % GROUP  # [M] query head
     row_ok = (rows < TILE_Q * GROUP) & (tok < q_end)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
+    lane_ok = row_ok[:, None] & (d < HEAD_DIM)[None, :]  # [M, DP]
     q_off = tok.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)  # [M, D]
+    q = tl.load(q_ptr + q_off, mask=lane_ok, other=0.0)  # [M, DP]
 
     # KV positions the tile sees: causal end, window start, then this split's share
     kv_hi = first_pos + tl.minimum(t0 + TILE_Q, q_end) - q_begin
@@ -100,13 +103,13 @@ def _attn_kernel(
     acc, m_i, l_i = _attend(
         q, first_pos + tok - q_begin, kv_lo, kv_hi, seq, kv_head, k_cache_ptr, v_cache_ptr,
         block_tables_ptr, stride_ct, stride_ch, stride_bt, block_size, window, scale_log2,
-        HEAD_DIM, BLOCK_M, BLOCK_N, HAS_WINDOW, PRECISION,
+        HEAD_DIM, HEAD_PAD, BLOCK_M, BLOCK_N, HAS_WINDOW, PRECISION,
     )  # fmt: skip
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_off = split * stride_os + tok.to(tl.int64) * stride_ot + head * stride_oh
     o = acc / l_safe[:, None]
-    tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), row_ok[:, None])
+    tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), lane_ok)
     if SPLIT:  # log2-sum-exp of the scores this split saw; -inf if none
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
@@ -115,25 +118,27 @@ def _attn_kernel(
 @triton.jit
 def _combine_kernel(
     part_ptr, lse_ptr, out_ptr, num_splits, num_heads, stride_ps, stride_ls,
-    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS: tl.constexpr, HEADS: tl.constexpr,
 ):  # fmt: skip
     """Program (token, head tile): weight each split's normalized output by its share of the
     softmax mass."""
     tok = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS)  # [S]
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # [H]
-    d = tl.arange(0, HEAD_DIM)  # [D]
+    d = tl.arange(0, HEAD_PAD)  # [DP]
+    d_ok = d < HEAD_DIM
     row = tok * num_heads + h  # [H] flat (token, head) row
     ok = (s[:, None] < num_splits) & (h[None, :] < num_heads)  # [S, H]
     lse = tl.load(lse_ptr + s[:, None] * stride_ls + row[None, :], mask=ok, other=float("-inf"))
     top = tl.max(lse, 0)  # [H]
     w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top)[None, :])  # [S, H]
     p_off = s[:, None, None] * stride_ps + row[None, :, None] * HEAD_DIM + d[None, None, :]
-    part = tl.load(part_ptr + p_off, mask=ok[:, :, None], other=0.0)  # [S, H, D]
+    part = tl.load(part_ptr + p_off, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
     mass = tl.where(h < num_heads, tl.sum(w, 0), 1.0)  # [H]
     o = tl.sum(part * w[:, :, None], 0) / mass[:, None]  # [H, D]
     o_off = row[:, None] * HEAD_DIM + d[None, :]
-    tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=(h < num_heads)[:, None])
+    o_ok = (h < num_heads)[:, None] & d_ok[None, :]
+    tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 def hopper_configs() -> list:
@@ -149,9 +154,13 @@ def hopper_configs() -> list:
 
 
 ATTENTION = Tunable(
-    _attn_kernel, hopper_configs(), key=["GROUP", "HEAD_DIM", "BLOCK_M", "SPLIT", "HAS_WINDOW"]
+    _attn_kernel,
+    hopper_configs(),
+    key=["GROUP", "HEAD_DIM", "HEAD_PAD", "BLOCK_M", "SPLIT", "HAS_WINDOW"],
 )
-COMBINE = Tunable(_combine_kernel, [config(num_warps=4)], key=["HEAD_DIM", "SPLITS", "HEADS"])
+COMBINE = Tunable(
+    _combine_kernel, [config(num_warps=4)], key=["HEAD_DIM", "HEAD_PAD", "SPLITS", "HEADS"]
+)
 
 
 def choose_num_splits(
@@ -177,7 +186,8 @@ def cut_tiles(query_start: torch.Tensor, tile_q: int) -> tuple[torch.Tensor, tor
 @dataclass
 class AttentionPlan:
     """Launch metadata of one step, shared by every layer: which sequence and first query row
-    each tile has, and how many KV splits (tiles are cut on first use, per GQA group)."""
+    each tile has, and how many KV splits (tiles are cut on first use, per GQA group). Made
+    from the step's plain tensors (the engine's batch holds them under the same names)."""
 
     query_start: torch.Tensor  # [B + 1]
     context_lens: torch.Tensor  # [B]
@@ -190,19 +200,6 @@ class AttentionPlan:
     max_splits: int = 16
     min_split_len: int = 256
     _cache: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_batch(cls, batch: RaggedBatch, **knobs: Any) -> AttentionPlan:
-        """The plan of ``batch``; ``knobs`` set block_m, num_splits, max_splits, min_split_len."""
-        return cls(
-            query_start=batch.query_start,
-            context_lens=batch.context_lens,
-            block_tables=batch.block_tables,
-            block_size=batch.block_size,
-            max_query_len=batch.max_query_len,
-            max_context_len=batch.max_context_len,
-            **knobs,
-        )
 
     def tiles(self, group: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """(tile_seq [P], tile_start [P], BLOCK_M, num_splits) for ``group`` heads per KV head."""
@@ -256,6 +253,7 @@ def paged_attention(
     if q.stride(-1) != 1 or not k_cache.is_contiguous() or v_cache.stride() != k_cache.stride():
         raise ValueError("paged_attention needs unit-stride q rows and contiguous K/V caches")
     tile_seq, tile_start, block_m, splits = plan.tiles(num_heads // num_kv_heads, num_kv_heads)
+    head_pad = max(16, next_pow2(head_dim))  # tl.dot needs 16 lanes at least
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     part, lse = plan.scratch(splits, out.shape) if splits > 1 else (out[None], out[None, ..., 0])
     ATTENTION(
@@ -271,16 +269,16 @@ def paged_attention(
         stride_ls=lse.stride(0), stride_lt=lse.stride(1), stride_bt=plan.block_tables.stride(0),
         num_splits=splits, block_size=plan.block_size, window=window or 0,
         scale_log2=scale * LOG2E,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_PAD=head_pad, BLOCK_M=block_m,
         SPLIT=splits > 1, HAS_WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     if splits > 1:  # heads per program: keep the [splits, heads, D] tile near 4K values
-        heads = min(next_pow2(num_heads), max(1, 4096 // (next_pow2(splits) * head_dim)))
+        heads = min(next_pow2(num_heads), max(1, 4096 // (next_pow2(splits) * head_pad)))
         COMBINE(
             lambda meta: (num_tokens, triton.cdiv(num_heads, heads)),
             part_ptr=part, lse_ptr=lse, out_ptr=out, num_splits=splits, num_heads=num_heads,
             stride_ps=part.stride(0), stride_ls=lse.stride(0),
-            HEAD_DIM=head_dim, SPLITS=next_pow2(splits), HEADS=heads,
+            HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS=next_pow2(splits), HEADS=heads,
         )  # fmt: skip
     return out

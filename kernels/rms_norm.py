@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from modgen.kernels.launch import Tunable, check_runnable, config, next_pow2
+from .launch import Tunable, check_runnable, config, next_pow2
 
 
 @triton.jit

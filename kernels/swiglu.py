@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from modgen.kernels.launch import Tunable, check_runnable, config
+from .launch import Tunable, check_runnable, config
 
 
 @triton.jit

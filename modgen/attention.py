@@ -21,6 +21,9 @@ class AttentionSpec:
     dtype: torch.dtype
     device: torch.device
     sliding_window: int | None
+    rotary_dim: int | None = None
+    """Head dims RoPE rotates (the first ones; fewer than ``head_dim`` for partial rotary);
+    None for a model without RoPE, or one that does not say."""
 
 
 @dataclass(kw_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +18,40 @@ class WeightLoadError(RuntimeError):
     unexpected or mis-shaped weight."""
 
 
+TP_SPLITS = ("column", "row", "vocab", "replicated", "expert")
+"""How a parameter splits over tensor-parallel ranks: ``column`` (its output rows), ``row`` (its
+input columns), ``vocab`` (rows of the vocabulary), ``replicated`` (whole on every rank) or
+``expert`` (whole experts per rank)."""
+
+
 @dataclass(frozen=True)
 class WeightRule:
-    """Checkpoint name template -> modgen parameter (template) and which shard of it.
+    """Checkpoint name template -> modgen parameter (template), which shard of it, and how it
+    splits for tensor parallelism.
 
-    ``{i}`` in both templates stands for a layer index; ``shard`` names a slice of a packed
-    parameter (for example "q" of a fused QKV projection), None for the whole parameter.
+    ``{i}`` in both templates stands for a layer index; ``{e}`` in the checkpoint name for an
+    expert, whose slice ``[e]`` of the (stacked) parameter it fills. ``shard`` names a slice of
+    a packed parameter (for example "q" of a fused QKV projection), None for the whole
+    parameter. ``tp`` declares how the parameter shards over tensor-parallel ranks (one of
+    TP_SPLITS; declared for a tensor-parallel executor, not used yet).
     """
 
     hf: str
     param: str
     shard: str | None = None
+    tp: str = "replicated"
+
+    def __post_init__(self) -> None:
+        if self.tp not in TP_SPLITS:
+            raise ValueError(
+                f"weight rule {self.hf}: tp must be one of {TP_SPLITS}, not {self.tp!r}"
+            )
 
     def pattern(self) -> re.Pattern[str]:
-        return re.compile("^" + re.escape(self.hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        """The regex of checkpoint names this rule takes."""
+        escaped = re.escape(self.hf)
+        escaped = escaped.replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+        return re.compile("^" + escaped + "$")
 
 
 def checkpoint_files(checkpoint: str | Path) -> list[Path]:
@@ -59,47 +79,51 @@ def iter_tensors(checkpoint: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+Target = tuple[str, int | None, str | None]
+"""(parameter name, expert index or None, shard or None): what one checkpoint tensor fills."""
+
+
 def load_weights(
     module: nn.Module,
     checkpoint: str | Path,
     rules: list[WeightRule],
-    shard_slice: dict[str, slice],
+    shard_slice: Callable[[str, int], slice],
     num_layers: int,
     ignore: tuple[str, ...] = (),
 ) -> None:
     """Copy a checkpoint into ``module``'s parameters by ``rules``.
 
-    ``shard_slice`` maps a shard name to its rows of the packed parameter. Names matching a regex
-    in ``ignore`` are skipped. Every parameter shard the rules expect must be loaded exactly once.
+    ``shard_slice(shard, rows)`` gives a shard's rows of a packed parameter of ``rows`` rows.
+    A rule applies to the layers whose module has its parameter (so layers may differ: dense
+    and MoE). Names matching a regex in ``ignore`` are skipped. Every parameter shard the rules
+    expect must be loaded exactly once; a missing, unexpected or mis-shaped tensor is named in
+    the error, with the expected and found shapes.
     """
     params = dict(module.named_parameters())
     compiled = [(rule, rule.pattern()) for rule in rules]
-    expected = set()
-    for rule in rules:
-        layers = range(num_layers) if "{i}" in rule.param else [None]
-        expected |= {(rule.param.format(i=i), rule.shard) for i in layers}
-    loaded: set[tuple[str, str | None]] = set()
+    expected = _expected(params, rules, num_layers, shard_slice)
+    loaded: set[Target] = set()
     unexpected, errors = [], []
     for name, tensor in iter_tensors(checkpoint):
         target = _match(name, compiled)
-        if target is None:
-            if not any(re.search(p, name) for p in ignore):
-                unexpected.append(name)
+        if target is None or target not in expected:
+            if target is not None or not any(re.search(p, name) for p in ignore):
+                unexpected.append(f"{name} {tuple(tensor.shape)}")
             continue
-        param_name, shard = target
-        if param_name not in params or (param_name, shard) not in expected:
-            unexpected.append(name)
-            continue
+        param_name, expert, shard = target
         dest = params[param_name].data
+        if expert is not None:
+            dest = dest[expert]
         if shard is not None:
-            dest = dest[shard_slice[shard]]
+            dest = dest[shard_slice(shard, dest.shape[0])]
         if tuple(dest.shape) != tuple(tensor.shape):
-            errors.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(dest.shape)}")
+            errors.append(f"{name}: expected {tuple(dest.shape)}, found {tuple(tensor.shape)}")
+            loaded.add(target)  # named as mis-shaped, not as missing too
             continue
         with torch.no_grad():
             dest.copy_(tensor.to(dest.dtype))
         loaded.add(target)
-    missing = sorted(_hf_name(p, s, rules) for p, s in expected - loaded)
+    missing = sorted(expected[t] for t in set(expected) - loaded)
     problems = []
     if missing:
         problems.append(f"missing weights: {', '.join(missing)}")
@@ -110,20 +134,38 @@ def load_weights(
         raise WeightLoadError(f"checkpoint {checkpoint}: " + "; ".join(problems))
 
 
-def _match(name: str, compiled: list[tuple[WeightRule, re.Pattern[str]]]) -> tuple | None:
+def _expected(
+    params: dict[str, nn.Parameter],
+    rules: list[WeightRule],
+    num_layers: int,
+    shard_slice: Callable[[str, int], slice],
+) -> dict[Target, str]:
+    """Each target the rules fill in this module -> the checkpoint name that would fill it and
+    the shape it must have, for error messages."""
+    expected: dict[Target, str] = {}
+    for rule in rules:
+        for i in range(num_layers) if "{i}" in rule.param else [None]:
+            param = rule.param.format(i=i)
+            if param not in params:
+                continue
+            shape = tuple(params[param].shape)
+            experts = range(shape[0]) if "{e}" in rule.hf else [None]
+            if "{e}" in rule.hf:
+                shape = shape[1:]
+            if rule.shard is not None:
+                rows = range(shape[0])[shard_slice(rule.shard, shape[0])]
+                shape = (len(rows), *shape[1:])
+            for e in experts:
+                hf = rule.hf.replace("{i}", str(i)).replace("{e}", str(e))
+                expected[(param, e, rule.shard)] = f"{hf} {shape}"
+    return expected
+
+
+def _match(name: str, compiled: list[tuple[WeightRule, re.Pattern[str]]]) -> Target | None:
     for rule, pattern in compiled:
         m = pattern.match(name)
         if m:
-            return rule.param.format(i=m.groupdict().get("i")), rule.shard
+            groups = m.groupdict()
+            expert = int(groups["e"]) if "e" in groups else None
+            return rule.param.format(i=groups.get("i")), expert, rule.shard
     return None
-
-
-def _hf_name(param: str, shard: str | None, rules: list[WeightRule]) -> str:
-    """The checkpoint name that would have filled (param, shard), for error messages."""
-    for rule in rules:
-        m = re.compile("^" + re.escape(rule.param).replace(r"\{i\}", r"(?P<i>\d+)") + "$").match(
-            param
-        )
-        if m and rule.shard == shard:
-            return rule.hf.format(i=m.groupdict().get("i"))
-    return param

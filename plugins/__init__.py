@@ -2,7 +2,23 @@
 first loads plugins; third-party packages register through the ``modgen.plugins`` entry points."""
 
 BUILTIN = (
+    "modgen.plugins.models.blocks.norms",
+    "modgen.plugins.models.blocks.position",
+    "modgen.plugins.models.blocks.attention",
+    "modgen.plugins.models.blocks.mlp",
+    "modgen.plugins.models.blocks.moe",
+    "modgen.plugins.models.blocks.layers",
     "modgen.plugins.models.llama",
+    "modgen.plugins.models.qwen2",
+    "modgen.plugins.models.qwen3",
+    "modgen.plugins.models.qwen2_moe",
+    "modgen.plugins.models.mixtral",
+    "modgen.plugins.models.gemma",
+    "modgen.plugins.models.phi3",
+    "modgen.plugins.models.phi",
+    "modgen.plugins.models.falcon",
+    "modgen.plugins.models.opt",
+    "modgen.plugins.models.auto",
     "modgen.plugins.kv.blocked",
     "modgen.plugins.schedulers.splitfuse",
     "modgen.plugins.schedulers.continuous",

@@ -11,24 +11,59 @@ VOCAB = 96
 EOS = 2
 
 
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+    eos_token_id=EOS, initializer_range=0.15, tie_word_embeddings=False,
+)  # fmt: skip
+LONGROPE = dict(  # Phi-3-128k's scaling at toy size: 4 short and 4 long factors (rotary dims 8)
+    rope_type="longrope", short_factor=[1.0, 1.3, 2.1, 3.0], long_factor=[1.5, 2.0, 4.0, 8.0],
+    original_max_position_embeddings=128, rope_theta=10000.0, partial_rotary_factor=0.5,
+)  # fmt: skip
+FAMILIES = {  # kind -> (transformers config class, its settings beyond COMMON)
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                  tie_word_embeddings=True)),  # layer 0 full, layer 1 windowed
+    "qwen3": ("Qwen3Config", dict(head_dim=24, rms_norm_eps=1e-6)),  # head_dim != hidden / heads
+    "phi3": ("Phi3Config", dict(num_key_value_heads=4, max_position_embeddings=512,
+                                original_max_position_embeddings=128, sliding_window=8,
+                                rope_parameters=LONGROPE, pad_token_id=0)),
+    "gemma": ("GemmaConfig", dict(head_dim=32, num_key_value_heads=1)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, mlp_only_layers=[0],
+                                         shared_expert_intermediate_size=80)),
+    "phi": ("PhiConfig", dict(hidden_size=80, num_key_value_heads=4, hidden_act="gelu_new",
+                              rope_parameters=dict(rope_theta=10000.0, rope_type="default",
+                                                   partial_rotary_factor=0.4))),  # head dim 20
+    "falcon": ("FalconConfig", dict(multi_query=True, parallel_attn=True, bias=False,
+                                    tie_word_embeddings=True)),  # 7B's layout
+    "falcon_new": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2,
+                                        bias=True, tie_word_embeddings=True)),  # 40B's layout
+    "opt": ("OPTConfig", dict(ffn_dim=128, do_layer_norm_before=True, tie_word_embeddings=True)),
+    "opt_post": ("OPTConfig", dict(ffn_dim=128, do_layer_norm_before=False,
+                                   word_embed_proj_dim=32, tie_word_embeddings=True)),  # 350m's
+}  # fmt: skip
+FAMILY_OF = {"falcon_new": "falcon", "opt_post": "opt"}
+"""The modgen model each test kind loads as (the others: its own name)."""
+
+
 def tiny_config(kind: str, **overrides):
-    """A transformers config of a tiny llama or mistral (GQA 4:2)."""
+    """A transformers config of a tiny model: llama (Llama-3 RoPE scaling), mistral (sliding
+    window 8), or one of FAMILIES."""
+    import transformers
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        initializer_range=0.15,
-        tie_word_embeddings=False,
-    )
+    common = dict(COMMON, rms_norm_eps=1e-5)
+    if kind in FAMILIES:
+        cls_name, settings = FAMILIES[kind]
+        values = {**COMMON, **settings, **overrides}
+        if kind.startswith("opt"):
+            values.pop("intermediate_size")
+            values.pop("num_key_value_heads")
+        if kind.startswith("falcon"):
+            values.pop("intermediate_size")
+            values.pop("num_key_value_heads")
+        return getattr(transformers, cls_name)(**values)
     if kind == "llama":
         common["rope_scaling"] = {
             "rope_type": "llama3",

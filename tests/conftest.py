@@ -14,10 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 # CPU interpreter unless the environment already says otherwise (TRITON_INTERPRET=0 on a GPU).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from checkpoints import hf_greedy, hf_model, make_checkpoint
+from checkpoints import FAMILY_OF, hf_greedy, hf_model, make_checkpoint
 
 MAX_NEW = 10
 PROMPT_LENS = (1, 3, 9, 17, 30, 41, 50, 64)
+FAMILY_MAX_NEW = 6
+FAMILY_PROMPT_LENS = (9, 12, 17, 26, 33)
+"""Prompts of the family tests: all longer than a token budget of 7 and a window of 8."""
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,42 @@ def hf_reference(checkpoints, prompts) -> dict[str, list[tuple[list[int], object
         model = hf_model(path)
         out[kind] = [hf_greedy(model, p, MAX_NEW) for p in prompts]
     return out
+
+
+class Zoo:
+    """Tiny checkpoints of every family (tests/checkpoints.py FAMILIES), each made on first use,
+    with the transformers greedy continuations and last-prompt-token logits of
+    ``family_prompts``."""
+
+    def __init__(self, root: Path, prompts: list[list[int]]) -> None:
+        self.root, self.prompts = root, prompts
+        self._paths: dict[str, Path] = {}
+        self._refs: dict[str, list] = {}
+
+    def path(self, kind: str) -> Path:
+        """The checkpoint directory of ``kind``."""
+        if kind not in self._paths:
+            self._paths[kind] = make_checkpoint(self.root / kind, kind)
+        return self._paths[kind]
+
+    def model(self, kind: str) -> str:
+        """The modgen model name ``kind`` loads as."""
+        return FAMILY_OF.get(kind, kind)
+
+    def reference(self, kind: str) -> list:
+        """Per prompt: (transformers' greedy tokens, its last-prompt-token logits)."""
+        if kind not in self._refs:
+            model = hf_model(self.path(kind))
+            self._refs[kind] = [hf_greedy(model, p, FAMILY_MAX_NEW) for p in self.prompts]
+        return self._refs[kind]
+
+
+@pytest.fixture(scope="session")
+def family_prompts() -> list[list[int]]:
+    rng = random.Random(4321)
+    return [[rng.randrange(3, 96) for _ in range(n)] for n in FAMILY_PROMPT_LENS]
+
+
+@pytest.fixture(scope="session")
+def zoo(ckpt_dir, family_prompts) -> Zoo:
+    return Zoo(ckpt_dir / "zoo", family_prompts)

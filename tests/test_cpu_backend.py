@@ -8,16 +8,16 @@ import logging
 
 import pytest
 import torch
+from batches import random_step
 from test_e2e_hf import GREEDY, SCHEDULES, capture_first_logits
 
 from modgen import LLM, calibration, registry
 from modgen.attention import AttentionSpec
+from modgen.blocks import ops
+from modgen.blocks.ops import rms_norm
 from modgen.kernels import cpu
-from modgen.kernels.testing import random_batch
 from modgen.plugins.attention.torch_ref import TorchAttention
-from modgen.plugins.models import ops
-from modgen.plugins.models.llama import rotate
-from modgen.plugins.models.ops import rms_norm
+from modgen.plugins.models.blocks.position import rotate
 
 Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
 CTX_LENS = [9, 7, 20, 40, 13, 1, 100]
@@ -45,7 +45,7 @@ LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV 
 @pytest.mark.parametrize("lens", LENS)
 @pytest.mark.parametrize("isa", cpu.machine_isas())
 def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens, isa):
-    batch, num_slots = random_batch(*LENS[lens], block_size, seed=1)
+    batch, num_slots = random_step(*LENS[lens], block_size, seed=1)
     q, k, v, rope = qkv_rope(batch.num_tokens, hq, hkv, d)
     gen = torch.Generator().manual_seed(2)
     cache = [torch.randn(num_slots, hkv, d, generator=gen) for _ in range(2)]
@@ -65,7 +65,7 @@ def test_kernel_matches_the_torch_reference(block_size, hq, hkv, d, window, lens
 @pytest.mark.parametrize("isa", cpu.machine_isas()[:2])
 def test_kernel_serves_any_head_dim(d, isa):
     """Head dims of the model families (Phi-2's 80, Gemma's 256...), whole vectors or not."""
-    batch, num_slots = random_batch(*LENS["many"], 16, seed=7)
+    batch, num_slots = random_step(*LENS["many"], 16, seed=7)
     q, k, v, rope = qkv_rope(batch.num_tokens, 8, 2, d, seed=d)
     cache = [torch.randn(num_slots, 2, d) for _ in range(2)]
     ref = TorchAttention(TorchAttention.Config())
@@ -76,8 +76,26 @@ def test_kernel_serves_any_head_dim(d, isa):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("d", "rot"), [(80, 32), (20, 8), (64, 48)])
+def test_kernel_rotates_the_first_rotary_dims(d, rot):
+    """Partial rotary (Phi-2: 32 of 80 dims): the first ``rot`` dims rotate, the rest pass."""
+    batch, num_slots = random_step(*LENS["many"], 5, seed=11)
+    q, k, v, _ = qkv_rope(batch.num_tokens, 8, 2, d, seed=d)
+    angle = torch.randn(batch.num_tokens, 1, rot // 2).repeat(1, 1, 2)
+    rope = (angle.cos(), angle.sin())
+    cache = [torch.randn(num_slots, 2, d) for _ in range(2)]
+    ref_cache = [c.clone() for c in cache]
+    ref = TorchAttention(TorchAttention.Config())
+    want = ref.forward(rotate(q, *rope), rotate(k, *rope), v, ref_cache, batch,
+                       ref.prepare(batch), d**-0.5, None)  # fmt: skip
+    attn = registry.build("attention", {"name": "cpu"})
+    got = attn.forward(q, k, v, cache, batch, None, d**-0.5, None, rope=rope)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache[0], ref_cache[0], rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_without_rope_or_write_reads_the_cache_as_it_is():
-    batch, num_slots = random_batch(Q_LENS, CTX_LENS, 4, seed=3)
+    batch, num_slots = random_step(Q_LENS, CTX_LENS, 4, seed=3)
     q, _, _, _ = qkv_rope(batch.num_tokens, 8, 2, 32)
     cache = [torch.randn(num_slots, 2, 32) for _ in range(2)]
     ref = TorchAttention(TorchAttention.Config())
@@ -91,11 +109,11 @@ def test_kernel_without_rope_or_write_reads_the_cache_as_it_is():
 
 
 def test_kernel_names_bad_tensors():
-    batch, num_slots = random_batch([2], [5], 4)
+    batch, num_slots = random_step([2], [5], 4)
     q = torch.randn(2, 4, 16)
     cache = [torch.zeros(num_slots, 2, 16) for _ in range(2)]
     args = (batch.query_start, batch.context_lens, batch.block_tables, 4, 1.0, None)
-    with pytest.raises(ValueError, match=r"q must be a float32 CPU tensor, not torch.float64"):
+    with pytest.raises(ValueError, match=r"q must be a float32 CPU tensor, not Double"):
         cpu.paged_attention(q.double(), *cache, *args)
     with pytest.raises(ValueError, match=r"q must be \[T, 4, 16\] with packed heads"):
         cpu.paged_attention(q.transpose(1, 2).contiguous().transpose(1, 2), *cache, *args)
@@ -117,6 +135,7 @@ def spec(**changes) -> AttentionSpec:
         (dict(dtype=torch.bfloat16), "computes in float32; the model's dtype is torch.bfloat16"),
         (dict(num_heads=6, num_kv_heads=4), "cannot group 6 query heads over 4 KV heads"),
         (dict(num_heads=130, num_kv_heads=2), "cannot group 130 query heads over 2"),
+        (dict(rotary_dim=70), "rotates an even number of dims up to head_dim 64, not rotary"),
     ],
 )
 def test_check_says_why_it_cannot_run(changes, reason):
@@ -207,36 +226,52 @@ def test_default_attention_is_auto_and_measured(checkpoints):
 
 
 def test_fused_rms_norm_and_swiglu_match_torch():
-    lib = cpu.load(64)
     gen = torch.Generator().manual_seed(4)
     x, res = torch.randn(2, 37, 100, generator=gen)  # 100 columns: a vector tail too
     w = torch.randn(100, generator=gen)
-    out, h = cpu.rms_norm(lib, x, w, 1e-5)
+    out, h = cpu.rms_norm(x, w, 1e-5)
     torch.testing.assert_close(out, rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
     assert h is x
-    out, h = cpu.rms_norm(lib, x, w, 1e-5, residual=res)
+    out, h = cpu.rms_norm(x, w, 1e-5, residual=res)
     torch.testing.assert_close(h, x + res)
     torch.testing.assert_close(out, rms_norm(x + res, w, 1e-5), rtol=1e-5, atol=1e-5)
     gate_up = torch.randn(37, 2 * 70, generator=gen) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(
-        cpu.silu_mul(lib, gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5
+        cpu.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5
     )
     with pytest.raises(ValueError, match="gate_up must be a contiguous float32 CPU tensor"):
-        cpu.silu_mul(lib, gate_up.double())
+        cpu.silu_mul(gate_up.double())
 
 
 def test_argmax_kernel_matches_torch_and_takes_the_first_tie():
-    lib = cpu.load()
     gen = torch.Generator().manual_seed(5)
     for shape in [(33, 32000), (3, 17), (1, 96)]:
         x = torch.randn(*shape, generator=gen)
-        assert torch.equal(cpu.argmax(lib, x), x.argmax(-1))
+        assert torch.equal(cpu.argmax(x), x.argmax(-1))
     ties = torch.zeros(3, 40)
     ties[:, [5, 30]] = 1.0
     ties[1, 39] = 2.0
     ties[2] = float("-inf")
-    assert cpu.argmax(lib, ties).tolist() == ties.argmax(-1).tolist() == [5, 39, 0]
+    assert cpu.argmax(ties).tolist() == ties.argmax(-1).tolist() == [5, 39, 0]
+
+
+def test_fused_ops_are_torch_operators_that_need_no_attention_build(monkeypatch):
+    """The element-wise kernels and the arg-max are torch operators of one build per
+    instruction set: using them builds no attention kernel (none per head dim)."""
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("an attention kernel was built")
+
+    monkeypatch.setattr(cpu, "load", no_build)
+    fused = ops.CppOps()
+    logits = torch.randn(4, 1000)
+    assert torch.equal(fused.argmax(logits), logits.argmax(-1))
+    assert torch.ops.modgen.argmax.default.name() == "modgen::argmax"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(
+        fused.rms_norm(x, torch.ones(64), 1e-5)[0], rms_norm(x, torch.ones(64), 1e-5)
+    )
 
 
 TINY = ["model.num_hidden_layers=1", "model.vocab_size=128", "model.hidden_size=64",
@@ -279,7 +314,9 @@ def test_each_backend_matches_transformers(
     )
     model = llm.engine.executor.model
     assert model.ops.name == ("cpp" if path is KERNELS else "torch")
-    assert type(model.layers[0].qkv).__name__ == ("OneDNNLinear" if path is KERNELS else "Linear")
+    assert type(model.layers[0].attn.qkv).__name__ == (
+        "OneDNNLinear" if path is KERNELS else "Linear"
+    )
     assert llm.engine.executor.attn.registry_name == path[0].split("=")[1]
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)
@@ -308,7 +345,7 @@ def test_forced_linear_layouts_and_a_tied_head(checkpoints):
     model = LLM(
         "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=blas_t"]
     ).engine.executor.model
-    qkv = model.layers[0].qkv.weight
+    qkv = model.layers[0].attn.qkv.weight
     assert qkv.stride() == (1, qkv.shape[0]) and qkv.t().is_contiguous()
     tiny = ["model.tie_word_embeddings=true", *TINY]
     tied = LLM("llama", overrides=[*tiny, "model.cpu_linear=blas_t"]).engine.executor.model

@@ -1,5 +1,6 @@
-"""A real pip-installed package registers a scheduler through the ``modgen.plugins`` entry
-point, and both the CLI and the Python API use it."""
+"""Real pip-installed packages register a scheduler and a model family through the
+``modgen.plugins`` entry point: the CLI and the Python API use the scheduler, and the family,
+made of modgen's registered blocks only, matches transformers as the built-in ones do."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-PLUGIN = Path(__file__).parent / "plugins" / "modgen_fifo_plugin"
+HERE = Path(__file__).parent
+PLUGINS = HERE / "plugins"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,8 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(PLUGIN)],
+         "--target", str(target), str(PLUGINS / "modgen_fifo_plugin"),
+         str(PLUGINS / "modgen_starcoder2_plugin")],
         check=True, capture_output=True,
     )  # fmt: skip
     env = dict(os.environ)
@@ -56,3 +59,43 @@ def test_cli_uses_the_installed_plugin(plugin_env, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["summary"]["requests"] == 3
     assert results["config"]["scheduler"]["name"] == "fifo_one"
+
+
+def test_a_family_made_of_blocks_matches_transformers(plugin_env, tmp_path, family_prompts):
+    """The README's "adding a model" guide, followed: StarCoder2 registered from outside, from
+    blocks only; greedy tokens equal to transformers' and last-prompt-token logits within 1e-4,
+    by name and through model=auto."""
+    import torch
+    import transformers
+    from checkpoints import COMMON, hf_greedy, hf_model, save_tokenizer
+
+    config = transformers.Starcoder2Config(**{**COMMON, "sliding_window": 8, "use_bias": True})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    save_tokenizer(tmp_path)
+    refs = [hf_greedy(hf_model(tmp_path), p, 6) for p in family_prompts]
+    code = f"""
+import json
+from modgen import LLM, SamplingParams
+from test_e2e_hf import capture_first_logits
+out = {{}}
+for model in ("starcoder2", "auto"):
+    llm = LLM(model, checkpoint={str(tmp_path)!r},
+              overrides=["+scheduler=splitfuse", "scheduler.token_budget=7",
+                         "kv_allocator.block_size=5"])
+    logits = capture_first_logits(llm)
+    outs = llm.generate({family_prompts!r},
+                        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    out[model] = [llm.engine.executor.model.registry_name,
+                  [[o.token_ids, logits[o.request_id].tolist()] for o in outs]]
+print(json.dumps(out))
+"""
+    env = {**plugin_env, "PYTHONPATH": os.pathsep.join([plugin_env["PYTHONPATH"], str(HERE)])}
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    for name, rows in json.loads(res.stdout.strip().splitlines()[-1]).values():
+        assert name == "starcoder2"
+        for (tokens, logits), (ref_tokens, ref_logits) in zip(rows, refs, strict=True):
+            assert tokens == ref_tokens
+            torch.testing.assert_close(torch.tensor(logits), ref_logits, rtol=1e-4, atol=1e-4)

@@ -9,12 +9,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from modgen.engine.batch import RaggedBatch
 from modgen.kernels import interpreting
 from modgen.kernels.kv_write import rope_kv_write, rope_kv_write_ref
 from modgen.kernels.launch import config
 from modgen.kernels.paged_attention import (
-    AttentionPlan,
     choose_num_splits,
     cut_tiles,
     paged_attention,
@@ -22,7 +20,7 @@ from modgen.kernels.paged_attention import (
 from modgen.kernels.paged_attention_ref import paged_attention_ref
 from modgen.kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_ref
 from modgen.kernels.swiglu import swiglu, swiglu_ref
-from modgen.kernels.testing import padded_batch, random_batch
+from modgen.kernels.testing import PagedBatch, padded_batch, plan_for, random_batch
 
 DEVICE = "cpu" if interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -34,7 +32,7 @@ Q_LENS = [1, 7, 1, 12, 3, 1]
 CTX_LENS = [9, 7, 20, 40, 13, 1]
 
 
-def make_ragged(q_lens, ctx_lens, block_size, seed=0) -> tuple[RaggedBatch, int]:
+def make_ragged(q_lens, ctx_lens, block_size, seed=0) -> tuple[PagedBatch, int]:
     return random_batch(q_lens, ctx_lens, block_size, seed, DEVICE)
 
 
@@ -48,13 +46,13 @@ def random_qkv_cache(num_tokens, num_slots, heads, kv_heads, head_dim, dtype=tor
     return rand(num_tokens, heads, head_dim), *(rand(num_slots, kv_heads, head_dim) for _ in "kv")
 
 
-def attention_case(batch, num_slots, group, window, splits, block_m, block_n, dtype):
-    q, k_cache, v_cache = random_qkv_cache(batch.num_tokens, num_slots, 2 * group, 2, 32, dtype)
-    plan = AttentionPlan.from_batch(batch, block_m=block_m, num_splits=splits)
-    out = paged_attention(q, k_cache, v_cache, plan, 32**-0.5, window, config(BLOCK_N=block_n))
+def attention_case(batch, num_slots, group, window, splits, block_m, block_n, dtype, d=32):
+    q, k_cache, v_cache = random_qkv_cache(batch.num_tokens, num_slots, 2 * group, 2, d, dtype)
+    plan = plan_for(batch, block_m=block_m, num_splits=splits)
+    out = paged_attention(q, k_cache, v_cache, plan, d**-0.5, window, config(BLOCK_N=block_n))
     ref = paged_attention_ref(
         q, k_cache, v_cache, batch.query_start, batch.context_lens, batch.block_tables,
-        batch.block_size, 32**-0.5, window,
+        batch.block_size, d**-0.5, window,
     )  # fmt: skip
     return out, ref
 
@@ -75,6 +73,14 @@ def test_paged_attention_matches_reference(block_size, group, window):
 def test_split_kv_matches_reference(splits, block_m, block_n, window):
     batch, num_slots = make_ragged(Q_LENS, CTX_LENS, 5)
     out, ref = attention_case(batch, num_slots, 4, window, splits, block_m, block_n, torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("head_dim", "splits"), [(20, 1), (80, 2), (8, 1)])
+def test_paged_attention_any_head_dim(head_dim, splits):
+    """Head dims that are not powers of two (Phi-2's 80) or under tl.dot's 16: padded lanes."""
+    batch, num_slots = make_ragged(Q_LENS, CTX_LENS, 5)
+    out, ref = attention_case(batch, num_slots, 2, 6, splits, 16, 16, torch.float32, head_dim)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -109,27 +115,34 @@ def test_tiles_and_split_choice():
     assert choose_num_splits(8, 300, 132, 16, 256) == 1  # short contexts: not worth it
 
 
-def rope_inputs(num_tokens, heads, kv_heads, head_dim, dtype):
-    """q, k, v as views of one packed projection (as the model has them) and cos/sin [T, 1, D]."""
+def rope_inputs(num_tokens, heads, kv_heads, head_dim, dtype, rot=None):
+    """q, k, v as views of one packed projection (as the model has them) and cos/sin [T, 1, R]
+    for the first R = ``rot`` dims (all by default)."""
     gen = torch.Generator().manual_seed(2)
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
     q, k, v = qkv.to(dtype=dtype, device=DEVICE).split(
         [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1
     )
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    freqs = torch.randint(0, 200, (num_tokens, 1)).float() * inv_freq  # [T, D/2]
-    emb = torch.cat((freqs, freqs), -1)[:, None, :].to(device=DEVICE)  # [T, 1, D]
+    rot = rot or head_dim
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)
+    freqs = torch.randint(0, 200, (num_tokens, 1)).float() * inv_freq  # [T, R/2]
+    emb = torch.cat((freqs, freqs), -1)[:, None, :].to(device=DEVICE)  # [T, 1, R]
     views = (x.view(num_tokens, -1, head_dim) for x in (q, k, v))
     return *views, (emb.cos().to(dtype), emb.sin().to(dtype))
 
 
-@pytest.mark.parametrize("fused_rope", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope_kv_write_matches_reference(dtype, fused_rope):
-    q, k, v, rope = rope_inputs(13, 8, 2, 32, dtype)
+@pytest.mark.parametrize(
+    ("dtype", "fused_rope", "head_dim", "rot"),
+    [(torch.float32, True, 32, 32), (torch.float32, False, 32, 32), (torch.float16, True, 32, 32),
+     (torch.float16, False, 32, 32), (torch.float32, True, 20, 8), (torch.float32, True, 80, 32),
+     (torch.float32, False, 80, 32), (torch.float32, True, 24, 24)],
+)  # fmt: skip
+def test_rope_kv_write_matches_reference(dtype, fused_rope, head_dim, rot):
+    """Full and partial rotary (Phi-2: 32 of 80 dims), head dims that are not powers of two."""
+    q, k, v, rope = rope_inputs(13, 8, 2, head_dim, dtype, rot)
     rope = rope if fused_rope else None
     slots = torch.randperm(40)[:13].to(DEVICE)
-    _, k_cache, v_cache = random_qkv_cache(0, 40, 1, 2, 32, dtype)
+    _, k_cache, v_cache = random_qkv_cache(0, 40, 1, 2, head_dim, dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     q_out = rope_kv_write(q, k, v, k_cache, v_cache, slots, rope, config(BLOCK_T=8))
     q_ref = rope_kv_write_ref(q, k, v, k_ref, v_ref, slots, rope)

@@ -26,7 +26,7 @@ def record_launches() -> list[tuple]:
     import torch
 
     from modgen.kernels import kv_write, launch, paged_attention, rms_norm, swiglu
-    from modgen.kernels.testing import random_batch
+    from modgen.kernels.testing import plan_for, random_batch
 
     launches = []
     launch.Tunable.__call__ = lambda self, grid, cfg=None, autotune=False, **args: launches.append(
@@ -36,19 +36,20 @@ def record_launches() -> list[tuple]:
         module.check_runnable = lambda kernel, x: None
     mixed, slots = random_batch([1, 1, 40], [300, 9, 90], 16)
     decodes, _ = random_batch([1, 1, 1], [300, 9, 90], 16)  # smallest query tile
-    variants = [  # dtype, query heads per KV head, head_dim, window, splits, step
-        (torch.bfloat16, 4, 128, None, 1, mixed),
-        (torch.bfloat16, 4, 128, 4096, 3, decodes),
-        (torch.float16, 8, 64, None, 1, mixed),
-        (torch.float32, 1, 32, 8, 1, decodes),
+    variants = [  # dtype, query heads per KV head, head_dim, window, splits, step, rotary dims
+        (torch.bfloat16, 4, 128, None, 1, mixed, None),
+        (torch.bfloat16, 4, 128, 4096, 3, decodes, 128),
+        (torch.float16, 8, 64, None, 1, mixed, 64),
+        (torch.float32, 1, 32, 8, 1, decodes, 32),
+        (torch.bfloat16, 4, 80, 2047, 2, mixed, 32),  # Phi-2's head dim, partial rotary
     ]
-    for dtype, group, dim, window, splits, batch in variants:
+    for dtype, group, dim, window, splits, batch, rot in variants:
         q = torch.zeros(batch.num_tokens, 2 * group, dim, dtype=dtype)
         k_cache = torch.zeros(slots, 2, dim, dtype=dtype)
-        plan = paged_attention.AttentionPlan.from_batch(batch, num_splits=splits)
+        plan = plan_for(batch, num_splits=splits)
         paged_attention.paged_attention(q, k_cache, k_cache, plan, 0.1, window)
         k = q[:, :2]
-        rope = (q[:, :1], q[:, :1]) if window else None
+        rope = None if rot is None else (q[:, :1, :rot], q[:, :1, :rot])
         kv_write.rope_kv_write(q, k, k, k_cache, k_cache, batch.slot_mapping, rope)
         x = torch.zeros(3, 4096, dtype=dtype)
         rms_norm.rms_norm(x, x[0], 1e-5) if splits == 1 else rms_norm.add_rms_norm(x, x, x[0], 1e-5)

@@ -12,15 +12,17 @@ import torch
 
 pytest.importorskip("triton")
 
+from batches import random_step
+from checkpoints import FAMILIES
 from test_e2e_hf import GREEDY, capture_first_logits
-from test_kernels import CTX_LENS, DEVICE, Q_LENS, make_ragged, random_qkv_cache, rope_inputs
+from test_kernels import CTX_LENS, DEVICE, Q_LENS, random_qkv_cache, rope_inputs
 
 from modgen import LLM, registry
 from modgen.attention import AttentionSpec
 from modgen.plugins.attention import triton as triton_plugin
 from modgen.plugins.attention.torch_ref import TorchAttention
 from modgen.plugins.attention.triton import TritonAttention
-from modgen.plugins.models.llama import rotate
+from modgen.plugins.models.blocks.position import rotate
 
 
 def spec(**changes) -> AttentionSpec:
@@ -35,7 +37,8 @@ def backend(**config) -> TritonAttention:
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        (dict(head_dim=96), "head_dim 96 is not supported"),
+        (dict(head_dim=320), "head_dim 320 is not supported: at most 256"),
+        (dict(rotary_dim=7, head_dim=20), "rotary_dim 7 is not an even number"),
         (dict(dtype=torch.float64), "dtype torch.float64 is not supported"),
         (dict(dtype=torch.bfloat16), "bfloat16 does not run under Triton's interpreter"),
         (dict(device=torch.device("meta")), "device 'meta' is not supported"),
@@ -85,7 +88,7 @@ print(unsupported_reason(AttentionSpec(8, 2, 64, torch.float32, torch.device("cp
 @pytest.mark.parametrize("window", [None, 6])
 def test_forward_matches_the_torch_backend(window):
     """Un-rotated q/k with rope: the same output and the same cache as rotate + torch backend."""
-    batch, num_slots = make_ragged(Q_LENS, CTX_LENS, 5)
+    batch, num_slots = random_step(Q_LENS, CTX_LENS, 5, device=DEVICE)
     q, k, v, rope = rope_inputs(batch.num_tokens, 8, 2, 32, torch.float32)
     _, *cache = random_qkv_cache(0, num_slots, 1, 2, 32)
     ref_cache = [c.clone() for c in cache]
@@ -124,3 +127,18 @@ def test_greedy_matches_transformers(kind, overrides, checkpoints, prompts, hf_r
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
         assert out.token_ids == ref_tokens, f"prompt {i} (len {len(prompts[i])}) diverged"
         torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
+
+
+TRITON_FAMILIES = list(FAMILIES)
+"""Among them: head dim 20 with partial rotary (phi), windows on some layers (qwen2), grouped q/k/v
+(falcon_new), no RoPE (opt), longrope and windows (phi3), q/k norms and head dim 24 (qwen3)."""
+
+
+@pytest.mark.parametrize("kind", TRITON_FAMILIES)
+def test_families_match_transformers(kind, zoo):
+    from test_families import run
+
+    llm = run(zoo, kind, ["attention=triton", "attention.autotune=false", "+scheduler=splitfuse",
+                          "scheduler.token_budget=16", "kv_allocator.block_size=5",
+                          f"engine.device={DEVICE}"])  # fmt: skip
+    assert llm.engine.executor.attn.registry_name == "triton"

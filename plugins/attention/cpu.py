@@ -60,6 +60,11 @@ class CpuAttention(AttentionBackend):
                 f"attention=cpu cannot group {spec.num_heads} query heads over "
                 f"{spec.num_kv_heads} KV heads (groups of at most 64)"
             )
+        if spec.rotary_dim is not None and (spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim):
+            raise ValueError(
+                f"attention=cpu rotates an even number of dims up to head_dim {spec.head_dim}, "
+                f"not rotary_dim {spec.rotary_dim}"
+            )
         if self.isa is not None and self.isa not in cpu.machine_isas():
             raise ValueError(
                 f"attention.isa={self.isa} does not run on this CPU; it runs {cpu.machine_isas()}"

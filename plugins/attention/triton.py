@@ -21,7 +21,8 @@ from modgen.kernels import interpreting, is_interpreted
 from modgen.registry import register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
+"""Largest head dim (padded to a power of two in registers; any size up to this)."""
 _ATTENTION_MODULE = "modgen.kernels.paged_attention"
 
 
@@ -58,8 +59,10 @@ def unsupported_reason(spec: AttentionSpec) -> str | None:
         return "bfloat16 does not run under Triton's interpreter (its tl.dot is wrong on bf16)"
     if spec.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return "this GPU has no bfloat16 support; use float16 or float32"
-    if spec.head_dim not in HEAD_DIMS:
-        return f"head_dim {spec.head_dim} is not supported: a power of two from 16 to 256 is"
+    if spec.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {spec.head_dim} is not supported: at most {MAX_HEAD_DIM}"
+    if spec.rotary_dim is not None and (spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim):
+        return f"rotary_dim {spec.rotary_dim} is not an even number up to head_dim"
     if spec.num_heads % spec.num_kv_heads:
         return f"{spec.num_heads} query heads do not group evenly over {spec.num_kv_heads}"
     return None
@@ -68,7 +71,9 @@ def unsupported_reason(spec: AttentionSpec) -> str | None:
 @register("attention", "triton")
 class TritonAttention(AttentionBackend):
     """Fused rotary + KV write, then ragged paged attention (GQA, causal, sliding window, split-KV
-    for long contexts with few sequences), all from ``modgen.kernels``."""
+    for long contexts with few sequences), all from ``modgen.kernels``. Any head dim up to 256
+    (a power of two or not: padded lanes are masked), partial rotary, and a window per call (so
+    per layer)."""
 
     fuses_rope = True
 
@@ -126,8 +131,13 @@ class TritonAttention(AttentionBackend):
 
     def prepare(self, batch: RaggedBatch) -> Any:
         c = self.config
-        return _kernels().attention.AttentionPlan.from_batch(
-            batch,
+        return _kernels().attention.AttentionPlan(
+            query_start=batch.query_start,
+            context_lens=batch.context_lens,
+            block_tables=batch.block_tables,
+            block_size=batch.block_size,
+            max_query_len=batch.max_query_len,
+            max_context_len=batch.max_context_len,
             block_m=c.block_m,
             num_splits=c.num_splits,
             max_splits=c.max_splits,

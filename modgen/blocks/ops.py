@@ -63,23 +63,24 @@ class TorchOps:
 
 
 class CppOps(TorchOps):
-    """The same ops through modgen's C++ kernels (float32 on the CPU, one pass each)."""
+    """The same ops through modgen's C++ kernels (torch operators; float32 on the CPU, one pass
+    each). Building them needs no head dim: the attention kernel is a separate build."""
 
     name = "cpp"
 
-    def __init__(self, lib: Any) -> None:
-        self.lib = lib
+    def __init__(self) -> None:
+        cpu_kernels.ops()  # build (or load) them now: a missing compiler shows here
 
     def rms_norm(self, x, weight, eps, residual=None):
-        return cpu_kernels.rms_norm(self.lib, x, weight, eps, residual)
+        return cpu_kernels.rms_norm(x, weight, eps, residual)
 
     def silu_mul(self, gate_up):
-        return cpu_kernels.silu_mul(self.lib, gate_up)
+        return cpu_kernels.silu_mul(gate_up)
 
     def argmax(self, logits):
         if not logits.is_contiguous():
             return logits.argmax(dim=-1)
-        return cpu_kernels.argmax(self.lib, logits)
+        return cpu_kernels.argmax(logits)
 
 
 class MixedOps(TorchOps):
@@ -109,7 +110,7 @@ def choose_ops(
     if setting is False or device.type != "cpu" or dtype != torch.float32:
         return TorchOps()
     try:
-        cpp = CppOps(cpu_kernels.load())
+        cpp = CppOps()
     except cpu_kernels.KernelBuildError as err:
         log.info("model.cpu_kernels: falling back to torch ops: %s", err)
         return TorchOps()

@@ -1,0 +1,94 @@
+// What modgen's CPU kernels share: the instruction set they are built for (-march flags from
+// cpu.py), its vector type of native width, a few vector helpers, and the argument block of one
+// attention call. Included by cpu_kernels.cpp (the attention kernel, one build per head dim) and
+// cpu_ops.cpp (the torch operators and element-wise kernels).
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#define MODGEN_ISA "avx512"
+constexpr int W = 16, NREG = 32;
+#elif defined(__AVX2__)
+#define MODGEN_ISA "avx2"
+constexpr int W = 8, NREG = 16;
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+#define MODGEN_ISA "neon"
+constexpr int W = 4, NREG = 32;
+#elif defined(__SSE2__)
+#define MODGEN_ISA "sse"
+constexpr int W = 4, NREG = 16;
+#else
+#define MODGEN_ISA "generic"
+constexpr int W = 4, NREG = 16;
+#endif
+
+namespace modgen {
+
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf load(const float *src) {
+  vf v;
+  std::memcpy(&v, src, sizeof(v));
+  return v;
+}
+
+inline void store(float *dst, vf v) { std::memcpy(dst, &v, sizeof(v)); }
+
+// exp for a vector: 2^n * e^f with |f| <= ln2 / 2 and a degree-6 polynomial for e^f (relative
+// error near 2e-7). Inputs below -87 give e^-87 (about 1.6e-38): masked lanes are zeroed apart.
+inline vf vexp(vf x) {
+  x = x < -87.0f ? vf{} - 87.0f : x;
+  vf t = x * 1.44269504088896341f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (t + magic) - magic;
+  vf f = x - n * 0.693359375f;
+  f = f + n * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  vf y = p * f * f + f + 1.0f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int j = 1; j < W; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+
+}  // namespace modgen
+
+extern "C" {
+// One attention call's arguments (cpu_ops.cpp fills them from the operator's tensors).
+struct ModgenAttentionCall {
+  const float *q;  // [T, hq, HEAD_DIM] rows q_stride floats apart
+  const float *k;  // [T, hkv, HEAD_DIM] rows k_stride apart: this step's keys, or null
+  const float *v;  // [T, hkv, HEAD_DIM] rows v_stride apart: this step's values
+  const float *cos, *sin;       // [T, rot_dim] rotary tables, or null: q and k are rotated
+  const int64_t *slot_mapping;  // [T] cache slot of each new key and value
+  float *k_cache, *v_cache;     // [slots, hkv, HEAD_DIM]
+  float *out;                   // [T, hq, HEAD_DIM], contiguous
+  const int64_t *query_start, *context_lens, *block_tables;
+  int64_t q_stride, k_stride, v_stride, num_tokens, num_seqs, max_blocks;
+  int64_t hq, hkv, block_size, window;
+  int64_t rot_dim;  // head dims the rotary tables rotate (the first ones; partial rotary)
+  float scale;
+};
+}

@@ -1,0 +1,104 @@
+"""The interfaces model blocks implement, and the per-step state they share.
+
+Every block is a torch module made from runtime arguments (a norm's width, or the model's
+architecture) plus keyword-only settings that a family gives as data. ``check`` refuses settings
+a block does not implement before anything is built; ``post_load`` runs once the weights are in
+place (a block that keeps a derived copy of a weight makes it there).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modgen.attention import AttentionBackend
+from modgen.engine.batch import RaggedBatch
+
+
+@dataclass
+class Step:
+    """What every block of one forward pass shares."""
+
+    batch: RaggedBatch
+    attn: AttentionBackend
+    meta: Any
+    """The attention backend's per-step metadata."""
+    ops: Any
+    """Element-wise ops (``modgen.blocks.ops.TorchOps`` or a faster implementation)."""
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Rotary tables (cos, sin) [T, 1, rotary_dim] of the step's positions; None without RoPE."""
+
+
+class Block(nn.Module, ABC):
+    """Base of every block."""
+
+    @classmethod
+    def check(cls, **settings: Any) -> None:
+        """Raise ValueError naming a setting this block does not implement."""
+
+    def post_load(self) -> None:
+        """Called once the weights (a checkpoint's or random ones) are in place."""
+
+
+class Norm(Block):
+    """A normalisation over the last dim, with the residual add before it fused in."""
+
+    @abstractmethod
+    def forward(
+        self, x: torch.Tensor, ops: Any, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(h), h)`` with ``h = x + residual`` (or ``x``)."""
+
+
+class PositionEncoding(Block):
+    """Where position enters: rotary tables for the attention, or embeddings added to the
+    token embeddings."""
+
+    rotary_dim: int | None = None
+    """Head dims RoPE rotates (the first ones); None without RoPE."""
+
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary (cos, sin) [T, 1, rotary_dim] of ``positions`` [T]; None without RoPE."""
+        return None
+
+    def embed(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``h`` [T, hidden] with position embeddings added (unchanged for RoPE)."""
+        return h
+
+    @classmethod
+    def served_context(cls, configured: int, **settings: Any) -> int:
+        """The longest context this encoding, with these settings, serves exactly, given the
+        configured one (which it is by default)."""
+        return configured
+
+
+class AttentionBlock(Block):
+    """Projections around the attention backend: x [T, hidden] -> [T, hidden]."""
+
+    @abstractmethod
+    def forward(
+        self, x: torch.Tensor, step: Step, kv_cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor: ...
+
+
+class FeedForward(Block):
+    """An MLP or a mixture of experts: x [T, hidden] -> [T, hidden]."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor: ...
+
+
+class LayerLayout(Block):
+    """A decoder layer: how its norms, attention and feed-forward blocks and the residual
+    stream connect. Made from the architecture and the layer's index."""
+
+    @abstractmethod
+    def forward(
+        self, h: torch.Tensor, step: Step, kv_cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor: ...

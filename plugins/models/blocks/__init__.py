@@ -1,0 +1,1 @@
+"""Built-in model blocks, registered in the block registries of ``modgen.blocks``."""

@@ -1,0 +1,34 @@
+"""The layering the design asks for, checked on the source: kernels/ imports nothing from modgen
+(they take plain tensors), and the core (modgen/) names no built-in plugin module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute modules a source file imports (relative imports are left out)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_kernels_import_nothing_from_modgen():
+    files = sorted((ROOT / "kernels").glob("*.py"))
+    assert files
+    for path in files:
+        bad = {m for m in imported_modules(path) if m == "modgen" or m.startswith("modgen.")}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_the_core_names_no_plugin_module():
+    for path in sorted((ROOT / "modgen").rglob("*.py")):
+        bad = {m for m in imported_modules(path) if m.startswith("modgen.plugins.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
