@@ -135,3 +135,16 @@ def test_continuous_rejects_requests_longer_than_its_batch():
     sched, _ = make_scheduler("continuous", max_num_batched_tokens=16)
     with pytest.raises(BadRequestError, match="max_num_batched_tokens"):
         sched.check(make_seq(0, 10, 10))
+
+
+def test_admit_takes_the_sequence_it_is_given():
+    """A variant that picks another waiting sequence than the head admits that one."""
+    sched, kv = make_scheduler("splitfuse", block_size=4)
+    a, b, c = make_seq(0, 8, 1), make_seq(1, 5, 1), make_seq(2, 3, 1)
+    for s in (a, b, c):
+        sched.add(s)
+    assert sched.admit(b, b.num_tokens)
+    assert list(sched.waiting) == [a, c]
+    assert sched.running == [b]
+    assert b.status is SeqStatus.RUNNING and len(kv.block_table(b.seq_id)) == 2
+    assert not kv.block_table(a.seq_id)

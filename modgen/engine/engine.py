@@ -259,6 +259,7 @@ class Engine:
             return ran
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
+        self.scheduler.step_done(plan)
         now = self.clock.now()
         for seq, token in zip(done, tokens, strict=True):
             if isinstance(token, Exception):

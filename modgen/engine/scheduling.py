@@ -104,6 +104,15 @@ class Scheduler(ABC):
         """Queue a new sequence."""
         self.waiting.append(seq)
 
+    def step_done(self, plan: StepPlan) -> None:
+        """``plan`` ran: each chunk's sequence has advanced ``num_computed`` past its tokens. The
+        KV allocator learns which tokens' KV is now in the cache (a prefix cache makes the full
+        blocks shareable). Called by the engine after every successful step, before the new
+        tokens are committed (and any finished sequence is freed)."""
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            self.kv.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed)
+
     def finish(self, seq: Sequence) -> None:
         """``seq`` ended (finished, aborted or failed): free its KV and forget it."""
         self.kv.free(seq.seq_id)
@@ -133,16 +142,30 @@ class Scheduler(ABC):
     # helpers for policies -------------------------------------------------------------------
 
     def admit(self, seq: Sequence, num_tokens: int) -> bool:
-        """Move the head of ``waiting`` to ``running`` if ``num_tokens`` slots can be allocated."""
+        """Move ``seq`` (a waiting sequence, wherever it is in ``waiting``) to ``running`` if
+        ``num_tokens`` slots can be allocated for it. Its KV allocation starts from the cached
+        prefix of its tokens, if the allocator keeps one: ``seq.num_computed`` becomes the number
+        of cached tokens, so its pending tokens are the uncached ones."""
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        if not self.kv.can_allocate(seq.seq_id, num_tokens):
+        if not self.kv.can_allocate_sequence(seq.seq_id, seq.token_ids, num_tokens):
             return False
-        self.kv.allocate(seq.seq_id, num_tokens)
-        self.waiting.popleft()
+        cached = self.kv.allocate_sequence(seq.seq_id, seq.token_ids, num_tokens)
+        if self.waiting and self.waiting[0] is seq:
+            self.waiting.popleft()
+        else:
+            self.waiting.remove(seq)
         self.running.append(seq)
         seq.status = SeqStatus.RUNNING
+        seq.num_computed = cached
+        if seq.metrics.num_cached_tokens is None:
+            seq.metrics.num_cached_tokens = cached
         return True
+
+    def num_uncached(self, seq: Sequence) -> int:
+        """Tokens a waiting ``seq`` would compute if admitted now: its pending tokens less the
+        prefix the KV allocator has cached."""
+        return seq.num_pending - self.kv.num_cached_tokens(seq.seq_id, seq.token_ids)
 
     def preempt_last(self, plan: StepPlan) -> Sequence:
         """Preempt the most recently admitted running sequence: free its KV, requeue it first."""

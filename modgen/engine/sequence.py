@@ -37,6 +37,9 @@ class RequestMetrics:
     token_times: list[float] = field(default_factory=list)
     """When each generated token was committed."""
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV was found in the prefix cache when the request was first admitted
+    (None until then)."""
 
     @property
     def ttft(self) -> float | None:
