@@ -58,7 +58,7 @@ class ContinuousScheduler(Scheduler):
             seq = self.waiting[0]  # its cached prefix (if any) needs no computing
             if self.num_uncached(seq) > budget or not self.admit(seq, self.slots_to_reserve(seq)):
                 break
-            plan.add(seq, seq.num_pending)
+            self.add_chunk(plan, seq, seq.num_pending)
             budget -= seq.num_pending
         if plan.chunks:
             return plan  # a prefill-only step
