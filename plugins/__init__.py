@@ -4,6 +4,7 @@ first loads plugins; third-party packages register through the ``modgen.plugins`
 BUILTIN = (
     "modgen.plugins.models.llama",
     "modgen.plugins.kv.blocked",
+    "modgen.plugins.kv.prefix",
     "modgen.plugins.schedulers.splitfuse",
     "modgen.plugins.schedulers.continuous",
     "modgen.plugins.schedulers.static",

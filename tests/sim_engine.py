@@ -92,6 +92,8 @@ def run(
             + sum(s.num_pending for s in sched.waiting),
             "running": len(sched.running),
             "decode_seqs": [s for s in sched.running if s.is_decode],
+            "uncached_prompt_tokens": sum(s.num_pending for s in sched.running if not s.is_decode)
+            + sum(sched.num_uncached(s) for s in sched.waiting),
         }
         plan = schedule()
         assert len({id(c.seq) for c in plan.chunks}) == len(plan.chunks), "a sequence twice"

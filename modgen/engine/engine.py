@@ -85,6 +85,7 @@ class Engine:
         kv_cfg = registry.to_config("kv_allocator", cfg.kv_allocator)
         num_blocks = kv_cfg.resolve_num_blocks(spec.kv_bytes_per_token())
         kv = registry.build("kv_allocator", kv_cfg, num_blocks)
+        kv.namespace = f"{spec!r} seed={cfg.model.get('seed')}"  # what else fixes a block's KV
         sched_node = cfg.scheduler
         if sched_node is None:
             log.info("no scheduler given (+scheduler=NAME); using splitfuse")
