@@ -18,6 +18,8 @@ class RequestSpec:
     arrival: float | None = None
     """Seconds after the start at which it arrives (trace replay); None lets the load
     generator decide."""
+    priority: int = 0
+    """Scheduling priority, lower first (used by schedulers that serve by priority)."""
 
 
 @dataclass(kw_only=True)

@@ -51,7 +51,9 @@ class EngineTarget(Target):
         )
         seen = 0
         try:
-            stream = self.engine.generate(spec.prompt, params, arrival_time=rec.send_time)
+            stream = self.engine.generate(
+                spec.prompt, params, arrival_time=rec.send_time, priority=spec.priority
+            )
             async for out in stream:
                 now = self.clock.now()
                 new = len(out.token_ids) - seen
@@ -107,6 +109,8 @@ class OpenAITarget(Target):
         }
         if self.model:
             body["model"] = self.model
+        if spec.priority:  # vLLM refuses a priority unless it schedules by priority
+            body["priority"] = spec.priority
         return body
 
     async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:

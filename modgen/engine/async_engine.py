@@ -77,7 +77,7 @@ class AsyncEngine:
         self.max_step_stats = max_step_stats
         self.on_failure = on_failure
         self._streams: dict[str, _Stream] = {}
-        self._pending: list[tuple[str, list[int] | str, SamplingParams, float]] = []
+        self._pending: list[tuple[str, list[int] | str, SamplingParams, float, int]] = []
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -151,12 +151,14 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its output each time it gains tokens (cumulative), the
         last one finished. Bad input raises BadRequestError before anything is yielded; a caller
         that stops iterating (a client that disconnects) aborts the request and frees its KV.
-        ``arrival_time`` (the engine's clock) defaults to now."""
-        rid = self.submit(prompt, params or SamplingParams(), request_id, arrival_time)
+        ``arrival_time`` (the engine's clock) defaults to now; ``priority`` as in
+        ``Engine.add_request``."""
+        rid = self.submit(prompt, params or SamplingParams(), request_id, arrival_time, priority)
         async with contextlib.aclosing(self.outputs(rid)) as outputs:
             async for out in outputs:
                 yield out
@@ -189,6 +191,7 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a request for the next step; returns its id (see ``generate``)."""
         if self._closing or (self._task is not None and self._task.done()):
@@ -205,7 +208,7 @@ class AsyncEngine:
             raise ValueError(f"request id '{request_id}' is already in use")
         self._streams[request_id] = _Stream()
         arrival = self.engine.clock.now() if arrival_time is None else arrival_time
-        self._pending.append((request_id, prompt, params, arrival))
+        self._pending.append((request_id, prompt, params, arrival, priority))
         self._wake.set()
         self.start()
         return request_id
@@ -220,12 +223,12 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
-        for rid, prompt, params, arrival in pending:
+        for rid, prompt, params, arrival, priority in pending:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
             try:
-                self.engine.add_request(prompt, params, request_id=rid, arrival_time=arrival)
+                self.engine.add_request(prompt, params, rid, arrival, priority)
             except Exception as exc:  # bad input: this request fails, the others go on
                 self._close(rid, exc)
         aborts, self._aborts = self._aborts, []

@@ -113,16 +113,21 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> Sequence:
         """Validate and queue a request; BadRequestError names what is wrong.
 
-        A rejected request changes nothing for the others."""
+        ``priority`` (an integer, lower first) is for schedulers that serve by priority
+        (``scheduler=splitfuse_priority``); others ignore it. A rejected request changes
+        nothing for the others."""
         params = params or SamplingParams()
         params.validate()
+        check_priority(priority)
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise BadRequestError(f"request id '{request_id}' is already in use", "request_id")
         seq = self._new_sequence(prompt, params, request_id, next(self._seq_ids), arrival_time)
+        seq.priority = priority
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -361,6 +366,15 @@ class Engine:
                 log.exception("request %s failed", seq.request_id)
                 self.last_error = seq.error = f"{type(exc).__name__}: {exc}"
                 seq.finish_reason = FinishReason.ERROR
+
+
+def check_priority(priority: object) -> None:
+    """Raise BadRequestError unless ``priority`` is an integer (not a bool)."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise BadRequestError(
+            f"priority must be an integer (lower is served first), got {priority!r}"[:120],
+            "priority",
+        )
 
 
 def _device(name: str) -> torch.device:
