@@ -13,6 +13,7 @@ BUILTIN = (
     "modgen.plugins.attention.cpu",
     "modgen.plugins.attention.auto",
     "modgen.plugins.workloads.lengths",
+    "modgen.plugins.workloads.prefix",
     "modgen.plugins.workloads.trace",
     "modgen.plugins.executors.model",
     "modgen.plugins.executors.sim",

@@ -6,12 +6,7 @@ import random
 from dataclasses import dataclass, field
 
 from modgen.registry import register
-from modgen.workload import LengthWorkload, WorkloadConfig
-
-
-def _check_range(name: str, bounds: list[int]) -> None:
-    if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
-        raise ValueError(f"workload.{name} must be [min, max] with 1 <= min <= max, got {bounds}")
+from modgen.workload import LengthWorkload, WorkloadConfig, check_range
 
 
 @register("workload", "synthetic")
@@ -60,8 +55,8 @@ class UniformWorkload(LengthWorkload):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            _check_range("prompt_len", self.prompt_len)
-            _check_range("output_len", self.output_len)
+            check_range("prompt_len", self.prompt_len)
+            check_range("output_len", self.output_len)
 
     def lengths(self, rng: random.Random) -> tuple[int, int]:
         return rng.randint(*self.config.prompt_len), rng.randint(*self.config.output_len)
@@ -93,7 +88,7 @@ class MixedWorkload(LengthWorkload):
                     f"workload.long_fraction must be in [0, 1], got {self.long_fraction}"
                 )
             for name in ("long_prompt_len", "prompt_len", "output_len"):
-                _check_range(name, getattr(self, name))
+                check_range(name, getattr(self, name))
 
     def lengths(self, rng: random.Random) -> tuple[int, int]:
         c = self.config
