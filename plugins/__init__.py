@@ -6,6 +6,8 @@ BUILTIN = (
     "modgen.plugins.kv.blocked",
     "modgen.plugins.kv.prefix",
     "modgen.plugins.schedulers.splitfuse",
+    "modgen.plugins.schedulers.splitfuse_priority",
+    "modgen.plugins.schedulers.splitfuse_spf",
     "modgen.plugins.schedulers.continuous",
     "modgen.plugins.schedulers.static",
     "modgen.plugins.attention.torch_ref",

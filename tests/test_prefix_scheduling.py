@@ -12,7 +12,7 @@ from sim_engine import make_engine, run
 
 from modgen.engine.sequence import SeqStatus
 
-SCHEDULERS = ["splitfuse", "continuous", "static"]
+SCHEDULERS = ["splitfuse", "splitfuse_priority", "splitfuse_spf", "continuous", "static"]
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BASES = [[7] * 40, list(range(3, 43)), [5, 6] * 20]
 # a request: a base prompt's first `shared` tokens, a unique tail, tokens to generate, arrival
@@ -48,12 +48,13 @@ def test_prefix_cache_under_every_scheduler(reqs, name, budget, block_size, extr
     num_blocks = max(-(-(len(p) + g) // block_size) for p, g in reqs_) + extra
     engine = make_engine(name, num_blocks=num_blocks, block_size=block_size, allocator="prefix",
                          **_knobs(name, budget))  # fmt: skip
-    limit = budget if name == "splitfuse" else engine.scheduler.config.max_num_batched_tokens
+    splitfuse = name.startswith("splitfuse")
+    limit = budget if splitfuse else engine.scheduler.config.max_num_batched_tokens
 
     def on_step(plan, before):
         assert plan.num_tokens <= limit
-        if name == "splitfuse" and extra >= 12:  # ample KV: the budget is filled exactly, by
-            # decodes and uncached prompt tokens only
+        if splitfuse and extra >= 12:  # ample KV: the budget is filled exactly, by decodes and
+            # uncached prompt tokens only
             want = min(budget, before["decodes"] + before["uncached_prompt_tokens"])
             assert plan.num_tokens == want
 

@@ -14,7 +14,7 @@ from sim_engine import make_engine, make_scheduler, make_seq, run
 from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import SeqStatus
 
-SPLITFUSE_LIKE = ["splitfuse"]
+SPLITFUSE_LIKE = ["splitfuse", "splitfuse_priority", "splitfuse_spf"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 requests = st.lists(
     st.tuples(st.integers(1, 60), st.integers(1, 30), st.integers(0, 20)), min_size=1, max_size=24
@@ -157,3 +157,40 @@ def test_max_passes_lets_small_prompts_pass_a_blocked_one_without_starving_it():
     passing = first_admissions(2)
     assert passing.index(2) < passing.index(1)  # small prompts went past the blocked one
     assert passing.index(1) < passing.index(5)  # ... twice at most
+
+
+def test_priority_variant_admits_and_preempts_by_priority():
+    sched, kv = make_scheduler("splitfuse_priority", num_blocks=6, block_size=4, token_budget=8)
+    low, high, mid = make_seq(0, 8, 9), make_seq(1, 8, 9), make_seq(2, 4, 9)
+    low.priority, high.priority, mid.priority = 5, -1, 0
+    for s in (low, high, mid):
+        sched.add(s)
+    plan = sched.schedule()  # high goes first (and fills the budget)
+    assert [c.seq for c in plan.chunks] == [high]
+    assert [s.seq_id for s in sched.admission_order()] == [2, 0]
+    high.num_computed = 8
+    high.token_ids.append(5)
+    plan = sched.schedule()  # high decodes (a third block); mid before low, which gets the rest
+    assert [(c.seq.seq_id, c.num_tokens) for c in plan.chunks] == [(1, 1), (2, 4), (0, 3)]
+    assert kv.num_free_blocks == 0
+    assert sched.running == [high, mid, low]
+    assert sched.pick_victim(high) is low  # the lowest priority goes first, whatever its age
+    mid.priority = 9
+    assert sched.pick_victim(high) is mid  # not the last admitted
+
+
+def test_shortest_prompt_first_with_aging():
+    sched, _ = make_scheduler("splitfuse_spf", token_budget=4, max_passes=2)
+    long_ = make_seq(0, 30, 2)
+    sched.add(long_)
+    shorts = [make_seq(i, 2, 2) for i in range(1, 6)]
+    for s in shorts:
+        sched.add(s)
+    admitted = []
+    for _ in range(4):
+        plan = sched.schedule()
+        admitted += [c.seq.seq_id for c in plan.chunks if c.seq.num_computed == 0]
+        for c in plan.chunks:
+            c.seq.num_computed += c.num_tokens
+    # two short prompts go first; then the long one, passed twice, takes its turn
+    assert admitted[:3] == [1, 2, 0]
