@@ -179,6 +179,18 @@ def test_priority_variant_admits_and_preempts_by_priority():
     assert sched.pick_victim(high) is mid  # not the last admitted
 
 
+def test_a_high_priority_prompt_goes_before_a_low_priority_remainder():
+    sched, _ = make_scheduler("splitfuse_priority", token_budget=10)
+    long_, short = make_seq(0, 40, 2), make_seq(1, 6, 2)
+    long_.priority = 1
+    sched.add(long_)
+    plan = sched.schedule()
+    long_.num_computed += plan.chunks[0].num_tokens
+    sched.add(short)
+    plan = sched.schedule()  # plain SplitFuse: the remainder first, [(0, 10)]
+    assert [(c.seq.seq_id, c.num_tokens) for c in plan.chunks] == [(1, 6), (0, 4)]
+
+
 def test_shortest_prompt_first_with_aging():
     sched, _ = make_scheduler("splitfuse_spf", token_budget=4, max_passes=2)
     long_ = make_seq(0, 30, 2)

@@ -60,9 +60,10 @@ class SplitFuseScheduler(Scheduler):
         admission order (a split prompt's remainder before any newer prompt)."""
         return self.running
 
-    def schedule_continuing(self, plan: StepPlan) -> None:
-        """Prompts already admitted (their blocks are reserved) get their next chunk."""
-        for seq in self.continuing_order():
+    def schedule_continuing(self, plan: StepPlan, seqs: Iterable[Sequence] | None = None) -> None:
+        """Prompts already admitted (their blocks are reserved) get their next chunk, in
+        ``continuing_order`` (or those of ``seqs``, in that order)."""
+        for seq in self.continuing_order() if seqs is None else seqs:
             if plan.budget_left <= 0:
                 return
             if not seq.is_decode and seq.num_pending > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import Sequence
 from modgen.plugins.schedulers.splitfuse import SplitFuseScheduler
 from modgen.registry import register
@@ -17,10 +18,25 @@ def rank(seq: Sequence) -> tuple[int, float, int]:
 
 @register("scheduler", "splitfuse_priority")
 class PrioritySplitFuseScheduler(SplitFuseScheduler):
-    """SplitFuse by request ``priority`` (lower first; ties by arrival): waiting prompts are
-    admitted, and admitted prompts get their chunks, in priority order, and a preemption takes
-    a running sequence of the lowest priority. Decodes still rotate fairly whatever their
-    priority, so none starves, and the budget is filled as SplitFuse fills it."""
+    """SplitFuse by request ``priority`` (lower first; ties by arrival). After the decodes,
+    prompt chunks go in priority order whether their prompt is admitted or waiting: an admitted
+    prompt's remainder goes first only if it outranks every waiting prompt, so a short
+    high-priority request does not wait behind a long low-priority prompt being split. A
+    preemption takes a running sequence of the lowest priority. Decodes still rotate fairly
+    whatever their priority, so none starves, and the budget is filled as SplitFuse fills
+    it."""
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(budget=self.config.token_budget)
+        self.schedule_decodes(plan)
+        best_waiting = min(map(rank, self.waiting), default=None)
+        prompts = list(self.continuing_order())
+        ahead = [s for s in prompts if best_waiting is None or rank(s) < best_waiting]
+        self.schedule_continuing(plan, ahead)
+        self.schedule_admissions(plan)
+        first = {id(s) for s in ahead}
+        self.schedule_continuing(plan, [s for s in prompts if id(s) not in first])
+        return plan
 
     def admission_order(self) -> Iterable[Sequence]:
         return sorted(self.waiting, key=rank)

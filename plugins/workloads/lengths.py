@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 
 from modgen.registry import register
-from modgen.workload import LengthWorkload, WorkloadConfig, check_range
+from modgen.workload import LengthWorkload, RequestSpec, WorkloadConfig, check_range
 
 
 @register("workload", "synthetic")
@@ -80,6 +80,9 @@ class MixedWorkload(LengthWorkload):
         """Short prompts are uniform in [min, max]."""
         output_len: list[int] = field(default_factory=lambda: [32, 128])
         """Output lengths are uniform in [min, max]."""
+        long_priority: int = 0
+        """Priority of the long requests (short ones have 0; lower is served first by
+        schedulers that serve by priority): 1 puts short requests first."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -92,8 +95,18 @@ class MixedWorkload(LengthWorkload):
 
     def lengths(self, rng: random.Random) -> tuple[int, int]:
         c = self.config
-        prompt = c.long_prompt_len if rng.random() < c.long_fraction else c.prompt_len
-        return rng.randint(*prompt), rng.randint(*c.output_len)
+        long = rng.random() < c.long_fraction
+        self._long.append(long)
+        return rng.randint(*(c.long_prompt_len if long else c.prompt_len)), rng.randint(
+            *c.output_len
+        )
+
+    def requests(self, vocab_size: int) -> list[RequestSpec]:
+        self._long: list[bool] = []
+        specs = super().requests(vocab_size)
+        for spec, long in zip(specs, self._long, strict=True):
+            spec.priority = self.config.long_priority if long else 0
+        return specs
 
 
 @register("workload", "fixed")
