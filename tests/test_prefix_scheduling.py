@@ -101,3 +101,13 @@ def test_preemption_keeps_shared_blocks_for_the_others():
     assert all(s.num_output_tokens == 24 for s in seqs)
     assert engine.kv.report()["prefix_cache_hits"] > 2 * 12
     assert engine.kv.num_free_blocks == 14
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_a_cache_too_small_for_one_request_says_what_it_needs(name):
+    from modgen.sampling_params import BadRequestError, SamplingParams
+
+    engine = make_engine(name, num_blocks=5, block_size=4, allocator="prefix")
+    with pytest.raises(BadRequestError, match=r"needs 6 blocks of 4 tokens and the cache has 5"):
+        engine.add_request([1] * 20, SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished()

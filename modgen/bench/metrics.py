@@ -224,7 +224,7 @@ def summary_table(s: dict[str, Any], title: str) -> str:
         ),
     ]
     for name in ("ttft", "ttft_short", "tpot", "itl", "e2e"):
-        if f"{name}_p50_s" not in s:
+        if f"{name}_p50_s" not in s or (name == "ttft_short" and not s.get("short_requests")):
             continue
         rows.append(
             (

@@ -130,7 +130,8 @@ class Scheduler(ABC):
             raise BadRequestError(
                 f"prompt plus max_tokens ({seq.max_total_tokens} tokens) exceeds the KV cache "
                 f"({self.kv.capacity_tokens} tokens): it needs {need} blocks of "
-                f"{self.kv.block_size} and the cache has {self.kv.num_blocks}",
+                f"{self.kv.block_size} tokens and the cache has {self.kv.num_blocks} (raise "
+                "kv_allocator.num_blocks or kv_allocator.memory_gb, or lower max_tokens)",
                 "max_tokens",
             )
 
