@@ -54,6 +54,26 @@ def test_allocator_allocate_free_1000_sequences(benchmark):
     assert kv.num_free_blocks == 100_000
 
 
+def test_prefix_allocator_admit_free_1000_sequences_sharing_a_prefix(benchmark):
+    """Each admission looks up a cached 1024-token system prompt (64 blocks) and takes 5 new
+    blocks for its own 64 tokens; then every sequence is freed."""
+    cfg = registry.to_config("kv_allocator", {"name": "prefix", "block_size": 16})
+    kv = registry.build("kv_allocator", cfg, 100_000)
+    system = list(range(1024))
+    kv.allocate_sequence(0, system, 1024)
+    kv.cache_blocks(0, system, 1024)
+    prompts = [[*system, *([i + 5000] * 64)] for i in range(1000)]
+
+    def cycle():
+        for i, tokens in enumerate(prompts, start=1):
+            kv.allocate_sequence(i, tokens, len(tokens))
+        for i in range(1, 1001):
+            kv.free(i)
+
+    benchmark(cycle)
+    assert kv.report()["prefix_cache_hits"] >= 1000 * 1024
+
+
 def _attention_case(num_decodes: int, ctx: int, prefill: int):
     """A batch of ``num_decodes`` decodes at context ``ctx`` plus one ``prefill``-token chunk."""
     _, kv = make_scheduler("splitfuse", num_blocks=20_000, block_size=16)

@@ -36,8 +36,11 @@ class LLM:
         prompts: Sequence[list[int] | str] | str,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
+        ``priority`` gives each prompt's priority (lower first; schedulers that serve by
+        priority use it, e.g. ``+scheduler=splitfuse_priority``).
 
         A bad prompt or parameter raises BadRequestError naming its index before anything runs.
         """
@@ -47,10 +50,13 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(priority)} priorities")
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                seqs.append(self.engine.add_request(prompt, p))
+                seqs.append(self.engine.add_request(prompt, p, priority=priority[i]))
             except BadRequestError as exc:
                 for seq in seqs:
                     self.engine.abort(seq.request_id)

@@ -7,6 +7,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 
+def check_range(name: str, bounds: list[int]) -> None:
+    """Raise ValueError unless ``workload.<name>`` is ``[min, max]`` with 1 <= min <= max."""
+    if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"workload.{name} must be [min, max] with 1 <= min <= max, got {bounds}")
+
+
 @dataclass
 class RequestSpec:
     """One request of a workload."""
@@ -18,6 +24,8 @@ class RequestSpec:
     arrival: float | None = None
     """Seconds after the start at which it arrives (trace replay); None lets the load
     generator decide."""
+    priority: int = 0
+    """Scheduling priority, lower first (used by schedulers that serve by priority)."""
 
 
 @dataclass(kw_only=True)

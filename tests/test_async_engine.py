@@ -84,3 +84,31 @@ def test_queue_limit_and_bad_requests_fail_alone(engine, prompts, hf_reference):
     a, b = asyncio.run(main())
     assert a[-1].token_ids == hf_reference["mistral"][0][0]
     assert b[-1].token_ids == hf_reference["mistral"][1][0]
+
+
+def test_steps_run_on_one_thread_of_their_own(engine, prompts):
+    """Every step runs on the same worker thread (one OpenMP thread pool), never on the event
+    loop's; the thread that starts the loop has given its OpenMP threads back, and torch still
+    computes right after that."""
+    import threading
+
+    import torch
+
+    threads = set()
+    step = engine.step
+
+    def spy():
+        threads.add(threading.get_ident())
+        return step()
+
+    engine.step = spy
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        await asyncio.gather(*(collect(aengine, p) for p in prompts[:3]))
+        await aengine.shutdown()
+
+    asyncio.run(main())
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    a = torch.randn(256, 256)
+    torch.testing.assert_close(a @ a, (a.double() @ a.double()).float(), rtol=1e-4, atol=1e-3)

@@ -44,6 +44,17 @@ def test_bad_prompts_are_named(llm, prompt, match):
     assert not llm.engine.has_unfinished()
 
 
+@pytest.mark.parametrize("priority", ["high", 1.5, None, True])
+def test_a_priority_that_is_not_an_integer_is_named(llm, priority):
+    with pytest.raises(BadRequestError, match="priority must be an integer") as err:
+        llm.engine.add_request([5, 6], GREEDY, priority=priority)
+    assert err.value.field == "priority"
+    assert not llm.engine.has_unfinished()
+    seq = llm.engine.add_request([5, 6], GREEDY, priority=-3)  # negative is fine: served first
+    assert seq.priority == -3
+    llm.engine.abort(seq.request_id)
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

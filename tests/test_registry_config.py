@@ -116,7 +116,9 @@ def test_register_rejects_duplicates_and_wrong_base_classes():
 
 
 def test_failed_lookup_lists_what_exists():
-    with pytest.raises(registry.RegistryError, match="continuous, splitfuse, static"):
+    with pytest.raises(
+        registry.RegistryError, match="continuous, splitfuse, splitfuse_priority, splitfuse_spf"
+    ):
         registry.get("scheduler", "splitfuze")
     with pytest.raises(
         registry.RegistryError, match="kinds: attention, cost_model, executor, kv_allocator, model"

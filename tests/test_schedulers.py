@@ -31,10 +31,18 @@ def decodes_first(plan) -> bool:
     return kinds == sorted(kinds, reverse=True)
 
 
+SPLITFUSE_LIKE = ["splitfuse", "splitfuse_priority", "splitfuse_spf"]  # the variants pass too
+
+
 @SETTINGS
-@given(reqs=requests, budget=st.integers(1, 64), block_size=st.integers(1, 16))
-def test_splitfuse_fills_budget_exactly_with_decodes_first(reqs, budget, block_size):
-    engine = make_engine("splitfuse", block_size=block_size, token_budget=budget)
+@given(
+    reqs=requests,
+    name=st.sampled_from(SPLITFUSE_LIKE),
+    budget=st.integers(1, 64),
+    block_size=st.integers(1, 16),
+)
+def test_splitfuse_fills_budget_exactly_with_decodes_first(reqs, name, budget, block_size):
+    engine = make_engine(name, block_size=block_size, token_budget=budget)
     requests, arrivals = _requests(reqs)
 
     def on_step(plan, before):
@@ -52,22 +60,23 @@ def test_splitfuse_fills_budget_exactly_with_decodes_first(reqs, budget, block_s
 @SETTINGS
 @given(
     reqs=requests,
-    name=st.sampled_from(["splitfuse", "continuous", "static"]),
+    name=st.sampled_from([*SPLITFUSE_LIKE, "continuous", "static"]),
     budget=st.integers(1, 64),
     block_size=st.integers(1, 8),
     extra=st.integers(0, 6),
 )
 def test_every_request_finishes_under_kv_pressure(reqs, name, budget, block_size, extra):
     num_blocks = _tight_blocks(reqs, block_size, extra)
-    knobs = {"token_budget": budget} if name == "splitfuse" else {}
+    splitfuse = name in SPLITFUSE_LIKE
+    knobs = {"token_budget": budget} if splitfuse else {}
     engine = make_engine(name, num_blocks=num_blocks, block_size=block_size, **knobs)
     requests, arrivals = _requests(reqs)
-    limit = budget if name == "splitfuse" else engine.scheduler.config.max_num_batched_tokens
+    limit = budget if splitfuse else engine.scheduler.config.max_num_batched_tokens
 
     def on_step(plan, before):
         assert plan.num_tokens <= limit
         assert decodes_first(plan)
-        if name != "splitfuse":  # no chunking: a step is all prefills or all decodes
+        if not splitfuse:  # no chunking: a step is all prefills or all decodes
             assert plan.num_decode_tokens in (0, plan.num_tokens)
         if name == "static" and plan.num_prefill_tokens:
             assert before["running"] == 0 or not any(c.seq.num_computed for c in plan.chunks)
@@ -135,3 +144,16 @@ def test_continuous_rejects_requests_longer_than_its_batch():
     sched, _ = make_scheduler("continuous", max_num_batched_tokens=16)
     with pytest.raises(BadRequestError, match="max_num_batched_tokens"):
         sched.check(make_seq(0, 10, 10))
+
+
+def test_admit_takes_the_sequence_it_is_given():
+    """A variant that picks another waiting sequence than the head admits that one."""
+    sched, kv = make_scheduler("splitfuse", block_size=4)
+    a, b, c = make_seq(0, 8, 1), make_seq(1, 5, 1), make_seq(2, 3, 1)
+    for s in (a, b, c):
+        sched.add(s)
+    assert sched.admit(b, b.num_tokens)
+    assert list(sched.waiting) == [a, c]
+    assert sched.running == [b]
+    assert b.status is SeqStatus.RUNNING and len(kv.block_table(b.seq_id)) == 2
+    assert not kv.block_table(a.seq_id)

@@ -156,6 +156,8 @@ BAD = [
     ({"model": "mistral", "prompt": [5, 9999]}, "prompt", "vocabulary"),
     ({"model": "mistral", "prompt": ["w3", [1000]]}, "prompt", "prompt 1:"),
     ({"model": "mistral", "prompt": "w3", "logprobs": 2}, "logprobs", "not supported"),
+    ({"model": "mistral", "prompt": "w3", "priority": "high"}, "priority", "integer"),
+    ({"model": "mistral", "prompt": "w3", "priority": 1.5}, "priority", "integer"),
 ]
 BAD_CHAT = [
     ({"model": "mistral", "messages": [{"role": "wizard", "content": "w3"}]}, "messages", "role"),
@@ -183,6 +185,23 @@ def test_bad_requests_get_openai_errors_naming_the_field(server):
     assert metric(metrics, "modgen_requests_rejected_total", 'reason="bad_request"') >= len(BAD)
     r = client(server.url).completions.create(model="mistral", prompt="w3 w4", **GREEDY)
     assert r.usage.completion_tokens == MAX_NEW and r.choices[0].text  # still serving
+
+
+def test_priority_reaches_the_engine(server, monkeypatch):
+    seen = []
+    add = server.engine.add_request
+
+    def spy(*args, **kwargs):
+        seq = add(*args, **kwargs)
+        seen.append(seq.priority)
+        return seq
+
+    monkeypatch.setattr(server.engine, "add_request", spy)
+    c = client(server.url)
+    c.completions.create(model="mistral", prompt="w3", **{**GREEDY, "extra_body": {
+        "ignore_eos": True, "priority": -2}})  # fmt: skip
+    c.completions.create(model="mistral", prompt="w3", **GREEDY)
+    assert seen == [-2, 0]
 
 
 def test_metrics_count_tokens_and_latencies(server, prompts):

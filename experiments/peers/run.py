@@ -5,18 +5,24 @@ Runs the peers' workloads on the same checkpoint (see make_checkpoint.py) with:
   - vLLM's CPU build (pinned, in its own virtual environment, set up on first use) served on
     loopback with its best CPU settings, driven by modgen's bench harness in OpenAI-URL mode;
   - Hugging Face ``generate`` with static batches of 8 (hf_static.py; --with-hf);
-  - served with 16 closed-loop clients on the long and mixed workloads: modgen in-process vs vLLM.
+  - served with 16 closed-loop clients on the long and mixed workloads: modgen in-process vs vLLM;
+  - prefix caching: the shared_prefix and multiturn workloads served with 8 closed-loop clients,
+    modgen with kv_allocator=blocked and =prefix, vLLM with its prefix caching off and on (a
+    server start each), hit rates read from each one's counters (vLLM's /metrics).
 Every run writes a modgen results.json; ``--repeat N`` runs it all N times (OUT/r1 ... rN). The
 script ends with one table (the machine line first; medians over the repeats; each modgen row's
-ratios to vLLM are taken inside each repeat, then the median), and ``python -m modgen.report
-OUT/r1/<workload>`` draws the plots.
+ratios to vLLM, with prefix caching where the workload has a prefix-cached vLLM run, are taken
+inside each repeat, then the median), and ``python -m modgen.report OUT/r1/<workload>`` draws
+the plots.
 
     python experiments/peers/run.py --out results/peers --repeat 3 [--skip vllm] [--with-hf]
+    python experiments/peers/run.py --out results/prefix --workloads   # the prefix series only
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -51,6 +57,25 @@ WORKLOADS = {
     ],
 }
 SERVED_WORKLOADS = ("long", "mixed")
+PREFIX_WORKLOADS = {  # served with 8 clients: engines with and without prefix caching
+    "shared_prefix": [  # 4 system prompts of 1024 tokens, unique suffixes of 32-128
+        "workload=shared_prefix",
+        "workload.num_requests=64",
+        "workload.num_prefixes=4",
+        "workload.prefix_len=1024",
+        "workload.suffix_len=[32,128]",
+        "workload.output_len=[32,64]",
+    ],
+    "multiturn": [  # 16 conversations of 4 turns, a 256-token system prompt
+        "workload=multiturn",
+        "workload.num_requests=64",
+        "workload.turns=4",
+        "workload.system_len=256",
+        "workload.message_len=[64,256]",
+        "workload.output_len=[32,96]",
+    ],
+}
+PREFIX_MODGEN = {"splitfuse": [], "splitfuse-prefix": ["kv_allocator=prefix"]}
 MODGEN = {  # modgen's configurations: its default (SplitFuse, token budget 512), and others
     "splitfuse": ["+scheduler=splitfuse"],
     "splitfuse-256": ["+scheduler=splitfuse", "scheduler.token_budget=256"],
@@ -79,8 +104,10 @@ def setup_vllm() -> Path:
     return python
 
 
-def start_vllm(python: Path, ckpt: Path, log: Path) -> subprocess.Popen:
-    """vLLM's OpenAI server on loopback, both cores bound, prefix caching off."""
+def start_vllm(
+    python: Path, ckpt: Path, log: Path, prefix_caching: bool = False
+) -> subprocess.Popen:
+    """vLLM's OpenAI server on loopback, both cores bound, prefix caching off (or on)."""
     env = dict(
         os.environ,
         VLLM_CPU_OMP_THREADS_BIND="0-1",
@@ -101,7 +128,7 @@ def start_vllm(python: Path, ckpt: Path, log: Path) -> subprocess.Popen:
         "float32",
         "--max-model-len",
         "4096",
-        "--no-enable-prefix-caching",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
     ]
     print("+", " ".join(args), flush=True)
     proc = subprocess.Popen(
@@ -136,11 +163,16 @@ COLUMNS = [
     *[(f"tpot_{p}_s", f"TPOT {p}", "{:.3f}") for p in ("p50", "p95")],
     *[(f"itl_{p}_s", f"ITL {p}", "{:.3f}") for p in ("p50", "p95", "p99")],
     ("effective_throughput", "eff req/s", "{:.2f}"),
+    ("prefix_cache_hit_rate", "hit rate", "{:.0%}"),
 ]
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def _ratio(pairs: list[tuple[dict, dict]], key: str) -> float | None:
+    return _median([s[key] / b[key] for s, b in pairs if b.get(key)])
 
 
 def table(out: Path) -> str:
@@ -152,7 +184,8 @@ def table(out: Path) -> str:
         name = "/".join(rel[1:] if rel[0].startswith("r") and len(rel) == 3 else rel)
         runs.setdefault(name, []).append(json.loads(path.read_text())["summary"])
     machines = {s.get("machine") for summaries in runs.values() for s in summaries} - {None}
-    heads = [c[1] for c in COLUMNS] + ["thru x vLLM", "ITL p95 x vLLM", "repeats"]
+    heads = [c[1] for c in COLUMNS] + ["thru x vLLM", "TTFT p95 x vLLM", "ITL p95 x vLLM"]
+    heads.append("repeats")
     lines = [f"machine: {m}" for m in sorted(machines) or [machine_line()]]
     lines += ["", "| run | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for name, summaries in runs.items():
@@ -160,11 +193,12 @@ def table(out: Path) -> str:
         for key, _, fmt in COLUMNS:
             m = _median([s[key] for s in summaries if isinstance(s.get(key), (int, float))])
             vals.append("-" if m is None else fmt.format(m))
-        base = runs.get(f"{name.split('/')[0]}/vllm-cpu", [])
-        pairs = list(zip(summaries, base, strict=False)) if not name.endswith("vllm-cpu") else []
-        thru = _median([s["request_throughput"] / b["request_throughput"] for s, b in pairs])
-        itl = _median([s["itl_p95_s"] / b["itl_p95_s"] for s, b in pairs if b["itl_p95_s"]])
-        vals += ["-" if x is None else f"{x:.2f}" for x in (thru, itl)] + [str(len(summaries))]
+        workload = name.split("/")[0]
+        base = runs.get(f"{workload}/vllm-cpu-prefix") or runs.get(f"{workload}/vllm-cpu", [])
+        pairs = list(zip(summaries, base, strict=False)) if "vllm-cpu" not in name else []
+
+        ratios = [_ratio(pairs, k) for k in ("request_throughput", "ttft_p95_s", "itl_p95_s")]
+        vals += ["-" if x is None else f"{x:.2f}" for x in ratios] + [str(len(summaries))]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -186,25 +220,41 @@ def run_once(out: Path, ckpt: Path, a: argparse.Namespace) -> None:
             for name in a.modgen:
                 modgen("task=bench", "task.clients=16", *MODGEN[name], *base, *WORKLOADS[wl],
                        f"hydra.run.dir={out / f'served-{wl}' / f'modgen-{name}'}")  # fmt: skip
+    prefix = [] if "prefix" in a.skip else list(PREFIX_WORKLOADS)
+    if "modgen" not in a.skip:
+        for wl, (name, extra) in itertools.product(prefix, PREFIX_MODGEN.items()):
+            run_dir = out / wl / f"modgen-{name}"
+            modgen("task=bench", "task.clients=8", "+scheduler=splitfuse", *extra, *base,
+                   *PREFIX_WORKLOADS[wl], f"hydra.run.dir={run_dir}")  # fmt: skip
     if "vllm" in a.skip:
         return
-    proc = start_vllm(setup_vllm(), ckpt, out / "vllm.log")
-    try:
-        url = [f"task.url=http://127.0.0.1:{PORT}", f"task.served_model={ckpt}"]
-        for wl in a.workloads:
-            modgen("task=bench", "task.mode=open", "task.rate=inf", *url, *base, *WORKLOADS[wl],
-                   f"hydra.run.dir={out / wl / 'vllm-cpu'}")  # fmt: skip
-        for wl in served:
-            modgen("task=bench", "task.clients=16", *url, *base, *WORKLOADS[wl],
-                   f"hydra.run.dir={out / f'served-{wl}' / 'vllm-cpu'}")  # fmt: skip
-    finally:
-        stop(proc)
+    url = [f"task.url=http://127.0.0.1:{PORT}", f"task.served_model={ckpt}"]
+    if a.workloads or served:
+        proc = start_vllm(setup_vllm(), ckpt, out / "vllm.log")
+        try:
+            for wl in a.workloads:
+                modgen("task=bench", "task.mode=open", "task.rate=inf", *url, *base,
+                       *WORKLOADS[wl], f"hydra.run.dir={out / wl / 'vllm-cpu'}")  # fmt: skip
+            for wl in served:
+                modgen("task=bench", "task.clients=16", *url, *base, *WORKLOADS[wl],
+                       f"hydra.run.dir={out / f'served-{wl}' / 'vllm-cpu'}")  # fmt: skip
+        finally:
+            stop(proc)
+    for caching in (False, True) if prefix else ():
+        proc = start_vllm(setup_vllm(), ckpt, out / f"vllm-prefix-{caching}.log", caching)
+        try:
+            for wl in prefix:  # distinct random prompts: one workload does not warm the next
+                run_dir = out / wl / ("vllm-cpu-prefix" if caching else "vllm-cpu")
+                modgen("task=bench", "task.clients=8", *url, *base, *PREFIX_WORKLOADS[wl],
+                       f"hydra.run.dir={run_dir}")  # fmt: skip
+        finally:
+            stop(proc)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/peers"))
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument(
         "--modgen",
         nargs="+",
@@ -212,7 +262,7 @@ def main() -> None:
         choices=list(MODGEN),
         help="modgen configurations to run (default: its default, splitfuse)",
     )
-    p.add_argument("--skip", nargs="*", default=[], choices=["modgen", "vllm", "served"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["modgen", "vllm", "served", "prefix"])
     p.add_argument("--with-hf", action="store_true", help="also run HF generate (slow)")
     p.add_argument("--repeat", type=int, default=1, help="run everything N times")
     p.add_argument("--table", action="store_true", help="only print the table of an earlier --out")

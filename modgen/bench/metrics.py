@@ -136,8 +136,11 @@ def summarize(
     wall_time: float,
     sla: SLAConfig | None = None,
     goodput: GoodputConfig | None = None,
+    short_prompt: int | None = None,
 ) -> dict[str, Any]:
-    """Throughputs, latency distributions, effective throughput and goodput of a run."""
+    """Throughputs, latency distributions, effective throughput and goodput of a run; with
+    ``short_prompt``, also the TTFT of requests with at most that many prompt tokens alone
+    (``ttft_short_*``)."""
     sla = sla or SLAConfig()
     ok = [r for r in records if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -156,6 +159,10 @@ def summarize(
     summary.update(distribution("tpot", [r.tpot for r in ok if r.tpot is not None]))
     summary.update(distribution("itl", [x for r in ok for x in r.itls]))
     summary.update(distribution("e2e", [r.e2e for r in ok]))
+    if short_prompt is not None:
+        short = [r.ttft for r in ok if r.ttft is not None and r.prompt_tokens <= short_prompt]
+        summary["short_requests"] = len(short)
+        summary.update(distribution("ttft_short", short))
     meeting = sum(meets_sla(r, sla) for r in records)
     summary["sla_fraction"] = meeting / len(records) if records else math.nan
     summary["effective_throughput"] = meeting / wall_time
@@ -182,6 +189,23 @@ def summarize_steps(stats: list[Any], kv_blocks: int) -> dict[str, float]:
     }
 
 
+def prefix_cache_summary(
+    now: dict[str, Any], before: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Hit rate and tokens saved from a prefix cache's counters (``prefix_cache_queries`` and
+    ``prefix_cache_hits``, in tokens) now, less those at ``before``; empty without a cache."""
+    if "prefix_cache_queries" not in now:
+        return {}
+    before = before or {}
+    queried = now["prefix_cache_queries"] - before.get("prefix_cache_queries", 0)
+    hits = now["prefix_cache_hits"] - before.get("prefix_cache_hits", 0)
+    return {
+        "prefix_cache_queried_tokens": queried,
+        "prefix_cache_hit_tokens": hits,
+        "prefix_cache_hit_rate": hits / queried if queried else 0.0,
+    }
+
+
 def summary_table(s: dict[str, Any], title: str) -> str:
     """A run's summary as an aligned two-column table (latencies in ms)."""
 
@@ -199,10 +223,12 @@ def summary_table(s: dict[str, Any], title: str) -> str:
             f"{s['total_token_throughput']:.1f} tok/s",
         ),
     ]
-    for name in ("ttft", "tpot", "itl", "e2e"):
+    for name in ("ttft", "ttft_short", "tpot", "itl", "e2e"):
+        if f"{name}_p50_s" not in s or (name == "ttft_short" and not s.get("short_requests")):
+            continue
         rows.append(
             (
-                f"{name.upper()} p50 / p95 / p99",
+                f"{name.upper().replace('_SHORT', ' short')} p50 / p95 / p99",
                 f"{ms(f'{name}_p50_s')} / {ms(f'{name}_p95_s')} / {ms(f'{name}_p99_s')} ms",
             )
         )
@@ -222,6 +248,14 @@ def summary_table(s: dict[str, Any], title: str) -> str:
         )
     if "goodput" in s:
         rows.append(("goodput", f"{s['goodput']:.2f} req/s"))
+    if "prefix_cache_hit_rate" in s:
+        rows.append(
+            (
+                "prefix cache hit rate / tokens saved",
+                f"{s['prefix_cache_hit_rate']:.1%} / {s['prefix_cache_hit_tokens']} of "
+                f"{s['prefix_cache_queried_tokens']} tokens",
+            )
+        )
     if "steps" in s:
         rows.append(
             (

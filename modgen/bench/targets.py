@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from typing import Any
 
 from modgen.bench.metrics import RequestRecord
 from modgen.engine.async_engine import AsyncEngine
@@ -29,6 +30,11 @@ class Target(ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections or the engine loop."""
+
+    async def cache_counters(self) -> dict[str, Any]:
+        """The target's prefix-cache counters now (``prefix_cache_queries`` and
+        ``prefix_cache_hits``, in tokens); empty if it has no prefix cache or does not say."""
+        return {}
 
 
 class EngineTarget(Target):
@@ -51,7 +57,9 @@ class EngineTarget(Target):
         )
         seen = 0
         try:
-            stream = self.engine.generate(spec.prompt, params, arrival_time=rec.send_time)
+            stream = self.engine.generate(
+                spec.prompt, params, arrival_time=rec.send_time, priority=spec.priority
+            )
             async for out in stream:
                 now = self.clock.now()
                 new = len(out.token_ids) - seen
@@ -65,6 +73,9 @@ class EngineTarget(Target):
 
     async def close(self) -> None:
         await self.engine.shutdown()
+
+    async def cache_counters(self) -> dict[str, Any]:
+        return self.engine.engine.kv.report()
 
 
 class OpenAITarget(Target):
@@ -86,7 +97,8 @@ class OpenAITarget(Target):
     ) -> None:
         import httpx
 
-        self.url = url.rstrip("/") + "/v1/completions"
+        self.base = url.rstrip("/")
+        self.url = self.base + "/v1/completions"
         self.model = model
         self.temperature = temperature
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -107,6 +119,8 @@ class OpenAITarget(Target):
         }
         if self.model:
             body["model"] = self.model
+        if spec.priority:  # vLLM refuses a priority unless it schedules by priority
+            body["priority"] = spec.priority
         return body
 
     async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
@@ -147,3 +161,32 @@ class OpenAITarget(Target):
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def cache_counters(self) -> dict[str, Any]:
+        """Read from the server's Prometheus ``/metrics`` (vLLM's or modgen's counter names)."""
+        try:
+            resp = await self.client.get(self.base + "/metrics", headers=self.headers)
+            resp.raise_for_status()
+        except Exception:
+            return {}
+        return parse_cache_counters(resp.text)
+
+
+CACHE_COUNTERS = {
+    "prefix_cache_queries": ("vllm:prefix_cache_queries", "modgen_prefix_cache_queries"),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits", "modgen_prefix_cache_hits"),
+}
+
+
+def parse_cache_counters(text: str) -> dict[str, Any]:
+    """Prefix-cache counters from a Prometheus exposition (summed over labels); empty if the
+    server exports none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for key, names in CACHE_COUNTERS.items():
+            if family.name in names:
+                value = sum(s.value for s in family.samples if s.name.endswith("_total"))
+                totals[key] = totals.get(key, 0) + value
+    return {k: int(v) for k, v in totals.items()} if len(totals) == len(CACHE_COUNTERS) else {}

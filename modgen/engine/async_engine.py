@@ -1,9 +1,10 @@
 """An asyncio front for the Engine: many concurrent streams, one step loop.
 
 The engine is not thread-safe, so it is only touched by the loop task: requests and aborts are
-queued and applied between steps, and each step runs in a worker thread so the event loop keeps
-serving connections while the model computes. On a virtual clock (a simulation) steps run
-inline: they take no real time, and the event loop's time is the clock's.
+queued and applied between steps, and each step runs on a worker thread of its own (always the
+same one) so the event loop keeps serving connections while the model computes. On a virtual
+clock (a simulation) steps run inline: they take no real time, and the event loop's time is the
+clock's.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from modgen.cpu_tuning import release_openmp_threads
 from modgen.engine.engine import Engine, StepStats
 from modgen.outputs import RequestOutput
 from modgen.sampling_params import SamplingParams
@@ -77,10 +80,11 @@ class AsyncEngine:
         self.max_step_stats = max_step_stats
         self.on_failure = on_failure
         self._streams: dict[str, _Stream] = {}
-        self._pending: list[tuple[str, list[int] | str, SamplingParams, float]] = []
+        self._pending: list[tuple[str, list[int] | str, SamplingParams, float, int]] = []
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stepper: ThreadPoolExecutor | None = None
         self._ids = 0
         self._closing = False
         self.error: BaseException | None = None
@@ -88,8 +92,13 @@ class AsyncEngine:
     # lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the step loop on the running event loop."""
+        """Start the step loop on the running event loop. Steps run on one thread of their own
+        (always the same one: one OpenMP thread pool), and this thread, which usually built the
+        model, gives its OpenMP threads back (see ``release_openmp_threads``)."""
         if self._task is None:
+            if not self.engine.clock.virtual and self._stepper is None:
+                self._stepper = ThreadPoolExecutor(1, thread_name_prefix="modgen-step")
+                release_openmp_threads()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="modgen-engine")
 
     async def shutdown(self, grace: float = 0.0) -> None:
@@ -108,6 +117,9 @@ class AsyncEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._stepper is not None:
+            self._stepper.shutdown(wait=False)
+            self._stepper = None
 
     @property
     def num_unfinished(self) -> int:
@@ -151,12 +163,14 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its output each time it gains tokens (cumulative), the
         last one finished. Bad input raises BadRequestError before anything is yielded; a caller
         that stops iterating (a client that disconnects) aborts the request and frees its KV.
-        ``arrival_time`` (the engine's clock) defaults to now."""
-        rid = self.submit(prompt, params or SamplingParams(), request_id, arrival_time)
+        ``arrival_time`` (the engine's clock) defaults to now; ``priority`` as in
+        ``Engine.add_request``."""
+        rid = self.submit(prompt, params or SamplingParams(), request_id, arrival_time, priority)
         async with contextlib.aclosing(self.outputs(rid)) as outputs:
             async for out in outputs:
                 yield out
@@ -189,6 +203,7 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a request for the next step; returns its id (see ``generate``)."""
         if self._closing or (self._task is not None and self._task.done()):
@@ -205,7 +220,7 @@ class AsyncEngine:
             raise ValueError(f"request id '{request_id}' is already in use")
         self._streams[request_id] = _Stream()
         arrival = self.engine.clock.now() if arrival_time is None else arrival_time
-        self._pending.append((request_id, prompt, params, arrival))
+        self._pending.append((request_id, prompt, params, arrival, priority))
         self._wake.set()
         self.start()
         return request_id
@@ -220,12 +235,12 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
-        for rid, prompt, params, arrival in pending:
+        for rid, prompt, params, arrival, priority in pending:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
             try:
-                self.engine.add_request(prompt, params, request_id=rid, arrival_time=arrival)
+                self.engine.add_request(prompt, params, rid, arrival, priority)
             except Exception as exc:  # bad input: this request fails, the others go on
                 self._close(rid, exc)
         aborts, self._aborts = self._aborts, []
@@ -262,10 +277,11 @@ class AsyncEngine:
                         await self._wake.wait()
                     continue
                 num_stats = len(self.engine.stats)
-                virtual = self.engine.clock.virtual
-                updated = (
-                    self.engine.step() if virtual else await asyncio.to_thread(self.engine.step)
-                )
+                if self._stepper is None:  # a virtual clock: steps take no real time
+                    updated = self.engine.step()
+                else:
+                    loop = asyncio.get_running_loop()
+                    updated = await loop.run_in_executor(self._stepper, self.engine.step)
                 self._after_step(num_stats)
                 for seq in updated:
                     out = RequestOutput.from_sequence(seq)
@@ -278,8 +294,9 @@ class AsyncEngine:
                         f"{self.engine.num_failed_steps} steps in a row failed every request "
                         f"they ran (last error: {self.engine.last_error})"
                     )
-                if virtual:  # clients and due arrivals see this step before the next one runs
-                    await asyncio.sleep(0)
+                # clients see this step (and send what follows) before the next one runs, and
+                # their Python does not contend with the step's
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the step loop broke: no accepted request may hang

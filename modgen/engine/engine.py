@@ -85,6 +85,7 @@ class Engine:
         kv_cfg = registry.to_config("kv_allocator", cfg.kv_allocator)
         num_blocks = kv_cfg.resolve_num_blocks(spec.kv_bytes_per_token())
         kv = registry.build("kv_allocator", kv_cfg, num_blocks)
+        kv.namespace = f"{spec!r} seed={cfg.model.get('seed')}"  # what else fixes a block's KV
         sched_node = cfg.scheduler
         if sched_node is None:
             log.info("no scheduler given (+scheduler=NAME); using splitfuse")
@@ -112,16 +113,21 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> Sequence:
         """Validate and queue a request; BadRequestError names what is wrong.
 
-        A rejected request changes nothing for the others."""
+        ``priority`` (an integer, lower first) is for schedulers that serve by priority
+        (``scheduler=splitfuse_priority``); others ignore it. A rejected request changes
+        nothing for the others."""
         params = params or SamplingParams()
         params.validate()
+        check_priority(priority)
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise BadRequestError(f"request id '{request_id}' is already in use", "request_id")
         seq = self._new_sequence(prompt, params, request_id, next(self._seq_ids), arrival_time)
+        seq.priority = priority
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -259,6 +265,7 @@ class Engine:
             return ran
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
+        self.scheduler.step_done(plan)
         now = self.clock.now()
         for seq, token in zip(done, tokens, strict=True):
             if isinstance(token, Exception):
@@ -359,6 +366,15 @@ class Engine:
                 log.exception("request %s failed", seq.request_id)
                 self.last_error = seq.error = f"{type(exc).__name__}: {exc}"
                 seq.finish_reason = FinishReason.ERROR
+
+
+def check_priority(priority: object) -> None:
+    """Raise BadRequestError unless ``priority`` is an integer (not a bool)."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise BadRequestError(
+            f"priority must be an integer (lower is served first), got {priority!r}"[:120],
+            "priority",
+        )
 
 
 def _device(name: str) -> torch.device:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class OutOfBlocksError(RuntimeError):
@@ -46,10 +48,20 @@ class KVAllocator(ABC):
     """Hands out KV blocks to sequences and takes them back.
 
     A sequence holds a list of blocks (its block table); ``allocate(seq_id, n)`` grows it to hold
-    at least ``n`` token slots. Implementations never leak a block or give one to two sequences.
+    at least ``n`` token slots. Implementations never leak a block, and never give a block to two
+    sequences unless it is a cached block whose KV both share (a prefix cache).
+
+    A sequence that holds no blocks is admitted with ``allocate_sequence``, given its token ids:
+    an allocator with a prefix cache hands it the cached blocks of its leading tokens and says how
+    many tokens they hold, and after each step ``cache_blocks`` tells it which tokens' KV is now
+    computed. The defaults of those methods make an allocator without a cache (one written
+    against ``allocate`` alone keeps working).
     """
 
     Config = KVAllocatorConfig
+    namespace: str = ""
+    """What, besides the token ids, determines a block's KV (the model; the engine sets it): a
+    prefix cache mixes it into every block's hash."""
 
     def __init__(self, config: KVAllocatorConfig, num_blocks: int) -> None:
         self.config = config
@@ -74,6 +86,38 @@ class KVAllocator(ABC):
     @abstractmethod
     def free(self, seq_id: int) -> None:
         """Return all of ``seq_id``'s blocks (a no-op for a sequence that holds none)."""
+
+    # admission given token ids (a prefix cache overrides these) ------------------------------
+
+    def num_cached_tokens(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Leading tokens of ``token_ids`` whose KV is cached (a look-up that changes nothing).
+
+        A multiple of the block size, and always less than ``len(token_ids)``: at least the last
+        token is computed, for its logits. 0 without a cache."""
+        return 0
+
+    def can_allocate_sequence(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> bool:
+        """Whether ``allocate_sequence`` would succeed now."""
+        return self.can_allocate(seq_id, num_tokens)
+
+    def allocate_sequence(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> int:
+        """Give ``seq_id`` (which holds no blocks) ``num_tokens`` slots for ``token_ids`` and what
+        follows; returns how many leading tokens are cached (their KV need not be computed, see
+        ``num_cached_tokens``). Raises OutOfBlocksError when too few blocks are free."""
+        self.allocate(seq_id, num_tokens)
+        return 0
+
+    def cache_blocks(  # noqa: B027 (optional hook)
+        self, seq_id: int, token_ids: Sequence[int], num_computed: int
+    ) -> None:
+        """The KV of ``seq_id``'s first ``num_computed`` tokens (of ``token_ids``) is now in its
+        blocks: a prefix cache makes the full ones shareable. Nothing to do without a cache."""
+
+    def report(self) -> dict[str, Any]:
+        """Figures for the run's results (a prefix cache's hits); empty by default."""
+        return {}
+
+    # capacity --------------------------------------------------------------------------------
 
     def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         """New blocks ``seq_id`` needs to hold ``num_tokens`` slots."""

@@ -37,6 +37,9 @@ class RequestMetrics:
     token_times: list[float] = field(default_factory=list)
     """When each generated token was committed."""
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None
+    """Prompt tokens whose KV was found in the prefix cache when the request was first admitted
+    (None until then)."""
 
     @property
     def ttft(self) -> float | None:
@@ -62,6 +65,8 @@ class Sequence:
     max_total_tokens: int
     """Prompt plus the most tokens this request may generate (capped by the model's context)."""
     arrival_time: float = field(default_factory=time.perf_counter)
+    priority: int = 0
+    """Scheduling priority: lower values first (vLLM's convention); schedulers may ignore it."""
     token_ids: list[int] = field(init=False)
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING

@@ -78,6 +78,7 @@ class Choice:
     prompt_ids: list[int]
     params: SamplingParams
     text: TextStream
+    priority: int = 0
     request_id: str | None = None
     output: RequestOutput | None = field(default=None, repr=False)
 
@@ -98,7 +99,9 @@ class Generation:
         self.aengine.check_capacity(len(self.choices))
         try:
             for choice in self.choices:
-                choice.request_id = self.aengine.submit(choice.prompt_ids, choice.params, None)
+                choice.request_id = self.aengine.submit(
+                    choice.prompt_ids, choice.params, None, priority=choice.priority
+                )
                 self._iters.append(self.aengine.outputs(choice.request_id))
         except BaseException:
             self.abort()

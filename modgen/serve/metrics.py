@@ -7,13 +7,16 @@ KV gauges are read when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import pairwise
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from modgen.engine import StepStats
 from modgen.engine.async_engine import AsyncEngine, EngineHooks
+from modgen.engine.kv import KVAllocator
 from modgen.outputs import RequestOutput
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
@@ -76,6 +79,7 @@ class ServerMetrics(EngineHooks):
         self.kv_used.set_function(lambda: kv.num_used_blocks)
         self.kv_total.set(kv.num_blocks)
         self.kv_usage.set_function(lambda: kv.num_used_blocks / max(kv.num_blocks, 1))
+        self.registry.register(PrefixCacheCollector(kv))
 
     def on_step(self, stats: StepStats) -> None:
         """Count steps and preemptions."""
@@ -99,3 +103,24 @@ class ServerMetrics(EngineHooks):
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PrefixCacheCollector:
+    """The KV allocator's prefix-cache counters, read at each scrape (vLLM's
+    ``prefix_cache_queries`` and ``prefix_cache_hits``, in tokens; 0 without a cache)."""
+
+    def __init__(self, kv: KVAllocator) -> None:
+        self.kv = kv
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        report = self.kv.report()
+        yield CounterMetricFamily(
+            "modgen_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache at admissions.",
+            value=report.get("prefix_cache_queries", 0),
+        )
+        yield CounterMetricFamily(
+            "modgen_prefix_cache_hits",
+            "Of those, tokens found cached: their KV was not computed.",
+            value=report.get("prefix_cache_hits", 0),
+        )

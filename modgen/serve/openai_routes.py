@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from modgen.engine.engine import check_priority
 from modgen.sampling_params import BadRequestError, SamplingParams
 from modgen.serve import protocol as p
 from modgen.serve.generation import Choice, Generation, TextStream
@@ -110,14 +111,17 @@ def _choices(
     """Validate every prompt with its parameters (as the engine will) and make n choices each;
     a BadRequestError names the request's own field."""
     try:
-        return _make_choices(st, prompts, req.num_choices, params_for)
+        priority = req.priority or 0
+        check_priority(priority)
+        return _make_choices(st, prompts, req.num_choices, params_for, priority)
     except BadRequestError as exc:
         raise req.in_own_terms(exc) from None
 
 
 def _make_choices(
-    st: ServerState, prompts: list[str | list[int]], n: int, params_for: ParamsFor
-) -> list[Choice]:
+    st: ServerState, prompts: list[str | list[int]], n: int, params_for: ParamsFor,
+    priority: int = 0,
+) -> list[Choice]:  # fmt: skip
     limit = st.config.max_queued
     if limit is not None and n * len(prompts) > limit:
         raise BadRequestError(
@@ -136,7 +140,7 @@ def _make_choices(
         for j in range(n):
             params = first if j == 0 else params_for(j)
             text = TextStream(st.engine.tokenizer, params.stop)
-            out.append(Choice(i * n + j, i, ids, params, text))
+            out.append(Choice(i * n + j, i, ids, params, text, priority))
     return out
 
 

@@ -62,6 +62,9 @@ class GenerationRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    priority: int | None = None
+    """vLLM's request priority: lower is served first by schedulers that serve by priority
+    (``scheduler=splitfuse_priority``); others ignore it. Default 0."""
     # known OpenAI fields this server does not implement: only their neutral values pass
     presence_penalty: Zero | None = None
     frequency_penalty: Zero | None = None

@@ -6,6 +6,7 @@ FastGen's effective throughput and vLLM-style goodput."""
 from __future__ import annotations
 
 import logging
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from modgen.bench.metrics import (
     GoodputConfig,
     RequestRecord,
     SLAConfig,
+    prefix_cache_summary,
     summarize,
     summary_table,
 )
@@ -71,6 +73,9 @@ class BenchTask(Task):
         """FastGen's SLA for effective throughput."""
         goodput: GoodputConfig = field(default_factory=GoodputConfig)
         """Limits for goodput (unset: not reported)."""
+        short_prompt: int = 1024
+        """Requests with at most this many prompt tokens count as short: their TTFT is also
+        reported alone (``ttft_short_*``), e.g. to see what long prompts cost short ones."""
 
         def __post_init__(self) -> None:
             if self.mode not in MODES:
@@ -98,12 +103,13 @@ class BenchTask(Task):
             vocab = engine.spec.vocab_size
             target = EngineTarget(AsyncEngine(engine), c.temperature)
         specs = registry.build("workload", root.workload).requests(vocab)
-        records, wall = target.clock.run(self._drive(target, specs, engine))
-        summary = summarize(records, wall, c.sla, c.goodput)
+        records, wall, cache = target.clock.run(self._drive(target, specs, engine, vocab))
+        summary = summarize(records, wall, c.sla, c.goodput, c.short_prompt)
         steps = engine.stats if engine else None
         summary.update(roofline_summary(root, records, len(steps or []), wall, engine))
         if engine:
             summary.update(engine_summary(engine))
+        summary.update(cache)  # the prefix cache's hits in the measured run
         summary.update(
             scheduler=scheduler_name(root) if engine else "external",
             target=c.url or "in-process",
@@ -118,14 +124,21 @@ class BenchTask(Task):
         return summary
 
     async def _drive(
-        self, target: Target, specs: list[RequestSpec], engine: Engine | None
-    ) -> tuple[list[RequestRecord], float]:
+        self, target: Target, specs: list[RequestSpec], engine: Engine | None, vocab: int
+    ) -> tuple[list[RequestRecord], float, dict[str, Any]]:
         c = self.config
         try:
-            if c.warmup:
-                await LoadGenerator(target).closed_loop(specs[: c.warmup], clients=1)
+            if c.warmup:  # prompts of the workload's lengths, none of its tokens: a prefix
+                # cache starts the measured run cold
+                rng = random.Random(c.seed + 1)
+                warm = [
+                    RequestSpec([rng.randrange(vocab) for _ in s.prompt], s.output_len)
+                    for s in specs[: c.warmup]
+                ]
+                await LoadGenerator(target).closed_loop(warm, clients=1)
             if engine is not None:
                 engine.stats.clear()
+            cache_before = await target.cache_counters()
             total = sum(s.output_len for s in specs)
             with tqdm(total=total, desc="bench", unit="tok", disable=None, file=sys.stdout) as bar:
                 gen = LoadGenerator(target, on_done=lambda r: bar.update(r.output_tokens))
@@ -141,6 +154,7 @@ class BenchTask(Task):
                     records = await gen.open_loop(specs, times)
                 wall = gen.clock.now() - start
             log.info("max requests in flight: %d", gen.max_in_flight)
-            return records, wall
+            cache = prefix_cache_summary(await target.cache_counters(), cache_before)
+            return records, wall, cache
         finally:
             await target.close()

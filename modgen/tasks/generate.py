@@ -47,7 +47,9 @@ class GenerateTask(Task):
             params = SamplingParams(
                 max_tokens=n, min_tokens=n, temperature=self.config.temperature, ignore_eos=True
             )
-            seqs.append(engine.add_request(spec.prompt, params, arrival_time=start))
+            seqs.append(
+                engine.add_request(spec.prompt, params, arrival_time=start, priority=spec.priority)
+            )
         total = sum(s.output_len for s in specs)
         with tqdm(total=total, desc="tokens", unit="tok", disable=None, file=sys.stdout) as bar:
             while engine.has_unfinished():

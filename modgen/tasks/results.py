@@ -10,7 +10,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from modgen import machine
-from modgen.bench.metrics import RequestRecord, record_dict, summarize_steps
+from modgen.bench.metrics import (
+    RequestRecord,
+    prefix_cache_summary,
+    record_dict,
+    summarize_steps,
+)
 from modgen.bench.roofline import roofline
 from modgen.model import describe_model
 
@@ -39,11 +44,13 @@ def roofline_summary(
     return {"machine": machine.machine_line(), **{f"roofline_{k}": v for k, v in bound.items()}}
 
 
-def engine_summary(engine: Any) -> dict[str, Any]:
-    """Per-step figures, the model, and what the executor reports (a simulation's cost model)."""
+def engine_summary(engine: Any, kv_before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-step figures, the model, what the executor reports (a simulation's cost model) and
+    the prefix cache's hits since ``kv_before`` (an earlier ``kv.report()``), if it has one."""
     out = summarize_steps(engine.stats, engine.kv.num_blocks)
     out.update(model=engine.spec.family, executor=engine.executor.registry_name)
     out.update({f"executor_{k}": v for k, v in engine.executor.report().items()})
+    out.update(prefix_cache_summary(engine.kv.report(), kv_before))
     return out
 
 

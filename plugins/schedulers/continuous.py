@@ -55,10 +55,10 @@ class ContinuousScheduler(Scheduler):
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         while self.waiting and (plan.chunks or self.can_admit_now()):
-            seq = self.waiting[0]
-            if seq.num_pending > budget or not self.admit(seq, self.slots_to_reserve(seq)):
+            seq = self.waiting[0]  # its cached prefix (if any) needs no computing
+            if self.num_uncached(seq) > budget or not self.admit(seq, self.slots_to_reserve(seq)):
                 break
-            plan.add(seq, seq.num_pending)
+            self.add_chunk(plan, seq, seq.num_pending)
             budget -= seq.num_pending
         if plan.chunks:
             return plan  # a prefill-only step

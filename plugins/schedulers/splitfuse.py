@@ -1,10 +1,13 @@
-"""``scheduler=splitfuse``: DeepSpeed-FastGen's Dynamic SplitFuse."""
+"""``scheduler=splitfuse``: DeepSpeed-FastGen's Dynamic SplitFuse, as three overridable phases."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from modgen.engine.kv import KVAllocator
 from modgen.engine.scheduling import Scheduler, SchedulerConfig, StepPlan
+from modgen.engine.sequence import Sequence
 from modgen.registry import register
 
 
@@ -12,8 +15,13 @@ from modgen.registry import register
 class SplitFuseScheduler(Scheduler):
     """Every step runs up to ``token_budget`` tokens: decodes first (one token each), then prompt
     chunks fill the rest exactly. A split prompt's remainder goes first among prompts next step; a
-    waiting prompt is admitted only when KV blocks for its whole remainder are free; when a decode
-    finds no free block, the last sequence holding KV is preempted and later recomputed."""
+    waiting prompt is admitted only when KV blocks for its whole (uncached) remainder are free;
+    when a decode finds no free block, a running sequence is preempted and later recomputed.
+
+    ``schedule`` is the composition of three phases a variant may override one by one:
+    ``schedule_decodes`` (base class), ``schedule_continuing`` and ``schedule_admissions``, with
+    the orders they follow (``decode_order``, ``continuing_order``, ``admission_order``) and the
+    victim choice (``pick_victim``)."""
 
     @dataclass(kw_only=True)
     class Config(SchedulerConfig):
@@ -21,31 +29,75 @@ class SplitFuseScheduler(Scheduler):
 
         token_budget: int = 512
         """Tokens per forward pass (decodes plus prompt chunks)."""
+        max_passes: int = 0
+        """How many times later prompts may be admitted past a waiting prompt whose KV does not
+        fit yet (one large prompt then does not block every admission behind it). 0 keeps
+        FastGen's strict order; a prompt passed this many times blocks the ones behind it until
+        it fits."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
             if self.token_budget < 1:
                 raise ValueError(f"scheduler.token_budget must be >= 1, got {self.token_budget}")
+            if self.max_passes < 0:
+                raise ValueError(f"scheduler.max_passes must be >= 0, got {self.max_passes}")
 
     config: Config
 
+    def __init__(self, config: Config, kv: KVAllocator) -> None:
+        super().__init__(config, kv)
+        self._passes: dict[int, int] = {}  # seq_id -> later arrivals admitted ahead of it
+
     def schedule(self) -> StepPlan:
-        plan = StepPlan()
-        budget = self.schedule_decodes(plan, self.config.token_budget)
-        # prompts already admitted (their blocks are reserved): oldest first
-        for seq in self.running:
-            if budget == 0:
-                return plan
-            if not seq.is_decode and seq.num_pending > 0:
-                n = min(seq.num_pending, budget)
-                plan.add(seq, n)
-                budget -= n
-        # admit waiting prompts in arrival order while budget and blocks last
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if not self.admit(seq, seq.num_tokens):
-                break
-            n = min(seq.num_pending, budget)
-            plan.add(seq, n)
-            budget -= n
+        plan = StepPlan(budget=self.config.token_budget)
+        self.schedule_decodes(plan)
+        self.schedule_continuing(plan)
+        self.schedule_admissions(plan)
         return plan
+
+    def continuing_order(self) -> Iterable[Sequence]:
+        """Running sequences in the order their pending prompt tokens get the budget. Default:
+        admission order (a split prompt's remainder before any newer prompt)."""
+        return self.running
+
+    def schedule_continuing(self, plan: StepPlan, seqs: Iterable[Sequence] | None = None) -> None:
+        """Prompts already admitted (their blocks are reserved) get their next chunk, in
+        ``continuing_order`` (or those of ``seqs``, in that order)."""
+        for seq in self.continuing_order() if seqs is None else seqs:
+            if plan.budget_left <= 0:
+                return
+            if not seq.is_decode and seq.num_pending > 0:
+                self.add_chunk(plan, seq, min(seq.num_pending, plan.budget_left))
+
+    def schedule_admissions(self, plan: StepPlan) -> None:
+        """Waiting prompts, in ``admission_order``, while the budget lasts: each is admitted only
+        when blocks for its whole remainder are free, and gets a chunk that fills the budget. The
+        first that does not fit stops admission, unless ``max_passes`` lets later ones pass."""
+        passed: list[Sequence] = []  # did not fit; later ones may pass them
+        for seq in self.admission_order():
+            if plan.budget_left <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            if any(self.num_passes(s) >= self.config.max_passes for s in passed):
+                return
+            if self.admit(seq, seq.num_tokens):
+                self.add_chunk(plan, seq, min(seq.num_pending, plan.budget_left))
+                self._count_pass(seq)
+            elif self.num_passes(seq) >= self.config.max_passes:
+                return
+            else:
+                passed.append(seq)
+
+    def num_passes(self, seq: Sequence) -> int:
+        """How many later arrivals were admitted while waiting ``seq`` waited."""
+        return self._passes.get(seq.seq_id, 0)
+
+    def _count_pass(self, admitted: Sequence) -> None:
+        self._passes.pop(admitted.seq_id, None)
+        if self.config.max_passes:
+            for seq in self.waiting:
+                if seq.seq_id < admitted.seq_id:  # seq ids follow arrival
+                    self._passes[seq.seq_id] = self._passes.get(seq.seq_id, 0) + 1
+
+    def remove(self, seq: Sequence) -> None:
+        self._passes.pop(seq.seq_id, None)
+        super().remove(seq)

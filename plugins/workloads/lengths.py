@@ -6,12 +6,7 @@ import random
 from dataclasses import dataclass, field
 
 from modgen.registry import register
-from modgen.workload import LengthWorkload, WorkloadConfig
-
-
-def _check_range(name: str, bounds: list[int]) -> None:
-    if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
-        raise ValueError(f"workload.{name} must be [min, max] with 1 <= min <= max, got {bounds}")
+from modgen.workload import LengthWorkload, RequestSpec, WorkloadConfig, check_range
 
 
 @register("workload", "synthetic")
@@ -60,8 +55,8 @@ class UniformWorkload(LengthWorkload):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            _check_range("prompt_len", self.prompt_len)
-            _check_range("output_len", self.output_len)
+            check_range("prompt_len", self.prompt_len)
+            check_range("output_len", self.output_len)
 
     def lengths(self, rng: random.Random) -> tuple[int, int]:
         return rng.randint(*self.config.prompt_len), rng.randint(*self.config.output_len)
@@ -85,6 +80,9 @@ class MixedWorkload(LengthWorkload):
         """Short prompts are uniform in [min, max]."""
         output_len: list[int] = field(default_factory=lambda: [32, 128])
         """Output lengths are uniform in [min, max]."""
+        long_priority: int = 0
+        """Priority of the long requests (short ones have 0; lower is served first by
+        schedulers that serve by priority): 1 puts short requests first."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -93,12 +91,22 @@ class MixedWorkload(LengthWorkload):
                     f"workload.long_fraction must be in [0, 1], got {self.long_fraction}"
                 )
             for name in ("long_prompt_len", "prompt_len", "output_len"):
-                _check_range(name, getattr(self, name))
+                check_range(name, getattr(self, name))
 
     def lengths(self, rng: random.Random) -> tuple[int, int]:
         c = self.config
-        prompt = c.long_prompt_len if rng.random() < c.long_fraction else c.prompt_len
-        return rng.randint(*prompt), rng.randint(*c.output_len)
+        long = rng.random() < c.long_fraction
+        self._long.append(long)
+        return rng.randint(*(c.long_prompt_len if long else c.prompt_len)), rng.randint(
+            *c.output_len
+        )
+
+    def requests(self, vocab_size: int) -> list[RequestSpec]:
+        self._long: list[bool] = []
+        specs = super().requests(vocab_size)
+        for spec, long in zip(specs, self._long, strict=True):
+            spec.priority = self.config.long_priority if long else 0
+        return specs
 
 
 @register("workload", "fixed")
