@@ -26,6 +26,16 @@ class LLM:
         self.config = compose_config([f"model={model}", *extra, *overrides])
         self.engine = Engine.from_config(self.config)
 
+    def close(self) -> None:
+        """Stop the engine's other ranks, if it has any (``engine.tensor_parallel`` > 1)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         """The checkpoint's tokenizer, or None."""

@@ -230,10 +230,17 @@ class Engine:
 
     # the step loop ---------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Release the executor's processes and process group (tensor parallelism); the engine
+        runs no step after it. Exiting the process does the same."""
+        self.executor.close()
+
     @property
     def is_healthy(self) -> bool:
         """False once ``config.max_failed_steps`` steps in a row failed every request they ran
         (the engine itself is broken, not a request): a server should stop and be restarted."""
+        if self.executor.broken is not None:
+            return False
         return self.num_failed_steps < self.config.max_failed_steps
 
     def step(self) -> list[Sequence]:

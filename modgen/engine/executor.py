@@ -83,6 +83,15 @@ class Executor(ABC):
         """Figures for the run's results."""
         return {}
 
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release what the executor holds beyond memory (other processes, a process group)."""
+
+    @property
+    def broken(self) -> str | None:
+        """Why this executor can run no step any more (a tensor-parallel rank gone), else
+        None; the engine is then unhealthy at once."""
+        return None
+
 
 def step_features(plan: StepPlan, window: int | None) -> StepFeatures:
     """The features of ``plan`` (read before the chunks' sequences advance)."""

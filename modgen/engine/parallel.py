@@ -16,7 +16,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +30,14 @@ class Parallel:
 
     rank: int = 0
     world: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time this rank spent in each collective (``broadcast``, ``all_reduce``,
+    ``all_gather``), waiting for slower ranks included."""
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def _timed(self, what: str, t0: float) -> None:
+        self.seconds[what] = self.seconds.get(what, 0.0) + time.perf_counter() - t0
+        self.calls[what] = self.calls.get(what, 0) + 1
 
     @property
     def is_first(self) -> bool:
@@ -45,23 +54,29 @@ class Parallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place (nothing to do alone)."""
         if self.world > 1:
+            t0 = time.perf_counter()
             dist.all_reduce(x)
+            self._timed("all_reduce", t0)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' ``x`` side by side along the last dimension (vocabulary-parallel logits)."""
         if self.world == 1:
             return x
+        t0 = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.contiguous())
+        self._timed("all_gather", t0)
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's ``obj`` on every rank (pickled: for small metadata, not tensors of data)."""
         if self.world == 1:
             return obj
+        t0 = time.perf_counter()
         box = [obj]
         dist.broadcast_object_list(box, src=0)
+        self._timed("broadcast", t0)
         return box[0]
 
 
@@ -80,6 +95,11 @@ def init(
 ) -> Parallel:
     """Join the process group (gloo on CPU, NCCL on CUDA); returns this rank's Parallel."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already holds a tensor-parallel process group: another engine with "
+            "engine.tensor_parallel > 1 is open here; close it first (LLM.close(), Engine.close())"
+        )
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -40,6 +40,7 @@ class ModelExecutor(Executor):
         super().__init__(config, ctx)
         self.clock = WallClock()
         self.workers: list[Any] = []
+        self._broken: str | None = None
         self.parallel = ctx.parallel or self._join(ctx)
         extra = {"parallel": self.parallel} if self.parallel.world > 1 else {}
         self.model = registry.build("model", ctx.model, device=ctx.device, **extra)
@@ -90,10 +91,16 @@ class ModelExecutor(Executor):
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Logits ``[R, vocab]``, one row per chunk that completes its sequence, in plan order."""
         inputs = step_inputs(plan, self.kv)
-        if self.parallel.world > 1:
-            ranks.check_alive(self.workers)
+        if self.parallel.world == 1:
+            return self._run(inputs)
+        if self.broken is not None:
+            raise RuntimeError(self.broken)
+        try:
             self.parallel.broadcast(("step", inputs))
-        return self._run(inputs)
+            return self._run(inputs)
+        except Exception as exc:  # a collective failed: a rank died or hung past the timeout
+            self._broken = f"tensor-parallel step failed ({exc}); the ranks are out of step"
+            raise RuntimeError(self._broken) from exc
 
     def _run(self, inputs: dict[str, Any]) -> torch.Tensor:
         batch = batch_of(inputs, self.device)
@@ -140,4 +147,21 @@ class ModelExecutor(Executor):
         return f"model {self.model.registry_name} on {self.device}, attention={attn}{tp}"
 
     def report(self) -> dict[str, Any]:
-        return {"tensor_parallel": self.parallel.world}
+        out: dict[str, Any] = {"tensor_parallel": self.parallel.world}
+        for what, seconds in sorted(self.parallel.seconds.items()):  # rank 0's, this run's
+            out[f"{what}_s"] = round(seconds, 4)
+            out[f"{what}_calls"] = self.parallel.calls[what]
+        return out
+
+    def close(self) -> None:
+        if self.parallel.world > 1 and self.parallel.is_first:
+            ranks.stop(self.parallel, self.workers)
+
+    @property
+    def broken(self) -> str | None:
+        if self._broken is None and self.workers:
+            try:
+                ranks.check_alive(self.workers)
+            except RuntimeError as exc:
+                self._broken = str(exc)
+        return self._broken

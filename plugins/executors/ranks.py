@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from modgen import registry
@@ -61,7 +62,7 @@ def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen]
         if world != n:
             raise ValueError(f"engine.tensor_parallel={n}, but torchrun started {world} ranks")
         parallel = par.init(rank, world, "env://", _device(ctx.device, rank), ctx.tp_timeout_s)
-        atexit.register(_stop, parallel, [])
+        atexit.register(stop, parallel, [])
         return parallel, []
     init_method = f"tcp://127.0.0.1:{par.free_port()}"
     context = _write_context(ctx)
@@ -71,7 +72,7 @@ def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen]
         for r in range(1, n)
     ]
     parallel = par.init(0, n, init_method, ctx.device, ctx.tp_timeout_s)
-    atexit.register(_stop, parallel, workers)
+    atexit.register(stop, parallel, workers)
     return parallel, workers
 
 
@@ -84,11 +85,22 @@ def check_alive(workers: list[subprocess.Popen]) -> None:
             )
 
 
-def _stop(parallel: Parallel, workers: list[subprocess.Popen]) -> None:
-    """At exit: tell the other ranks to stop (they end their loops), then end those started
-    here that are still there."""
+def _send_stop(parallel: Parallel) -> None:
+    try:
+        parallel.broadcast(("stop", None))
+    except Exception as exc:  # a rank that hung past the timeout: it is killed below
+        log.warning("could not tell the ranks to stop: %s", exc)
+
+
+def stop(parallel: Parallel, workers: list[subprocess.Popen]) -> None:
+    """At close or exit (once): tell the other ranks to stop (they end their loops), end those
+    started here that are still there, and leave the process group (so this process may start
+    another tensor-parallel engine)."""
+    if not dist.is_initialized():
+        return
+    atexit.unregister(stop)
     if parallel.is_first and all(p.poll() is None for p in workers):
-        sender = threading.Thread(target=parallel.broadcast, args=(("stop", None),), daemon=True)
+        sender = threading.Thread(target=_send_stop, args=(parallel,), daemon=True)
         sender.start()
         sender.join(timeout=10)
     for proc in workers:
@@ -96,6 +108,7 @@ def _stop(parallel: Parallel, workers: list[subprocess.Popen]) -> None:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+    dist.destroy_process_group()
 
 
 def _device(device: torch.device, rank: int) -> torch.device:
