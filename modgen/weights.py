@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,7 +34,7 @@ class WeightRule:
     expert, whose slice ``[e]`` of the (stacked) parameter it fills. ``shard`` names a slice of
     a packed parameter (for example "q" of a fused QKV projection), None for the whole
     parameter. ``tp`` declares how the parameter shards over tensor-parallel ranks (one of
-    TP_SPLITS; declared for a tensor-parallel executor, not used yet).
+    TP_SPLITS; ``Split`` says how the loader cuts it).
     """
 
     hf: str
@@ -73,14 +74,41 @@ def checkpoint_files(checkpoint: str | Path) -> list[Path]:
 
 def iter_tensors(checkpoint: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (name, tensor) of a checkpoint, shard by shard."""
+    for name, part in iter_slices(checkpoint):
+        yield name, part[:]
+
+
+def iter_slices(checkpoint: str | Path) -> Iterator[tuple[str, Any]]:
+    """Every (name, lazy slice) of a checkpoint, shard by shard: ``get_shape()`` reads no data,
+    indexing (``part[a:b]``, ``part[:, a:b]``) reads only the rows and columns asked for."""
     for file in checkpoint_files(checkpoint):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 Target = tuple[str, int | None, str | None]
 """(parameter name, expert index or None, shard or None): what one checkpoint tensor fills."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """How this rank's parameters are cut from full checkpoint tensors (tensor parallelism).
+
+    Parameters are built at this rank's sizes; a ``column`` (``row``) rule's tensor is cut into
+    equal parts along its rows (columns) of the parameter's size and this rank takes part
+    ``rank * parts // world`` (so KV heads fewer than the ranks are replicated); ``vocab`` takes
+    rows ``[rank * n, (rank + 1) * n)`` of the ``n`` the parameter has, zero past the vocabulary;
+    ``expert`` loads only the experts ``[expert_offset, expert_offset + n)``. A packed parameter
+    (``parts`` names its parts, for example q, k and v) loaded from one fused tensor is cut part
+    by part: ``global_slice`` gives a part's rows in the full tensor, the loader's
+    ``shard_slice`` its rows in this rank's parameter."""
+
+    rank: int
+    world: int
+    global_slice: Callable[[str, int], slice]
+    parts: Callable[[str], tuple[str, ...]]
+    expert_offset: int = 0
 
 
 def load_weights(
@@ -90,6 +118,7 @@ def load_weights(
     shard_slice: Callable[[str, int], slice],
     num_layers: int,
     ignore: tuple[str, ...] = (),
+    split: Split | None = None,
 ) -> None:
     """Copy a checkpoint into ``module``'s parameters by ``rules``.
 
@@ -97,32 +126,42 @@ def load_weights(
     A rule applies to the layers whose module has its parameter (so layers may differ: dense
     and MoE). Names matching a regex in ``ignore`` are skipped. Every parameter shard the rules
     expect must be loaded exactly once; a missing, unexpected or mis-shaped tensor is named in
-    the error, with the expected and found shapes.
+    the error, with the expected and found shapes. With ``split`` (tensor parallelism) each
+    parameter takes only this rank's part, read from the file without the rest.
     """
     params = dict(module.named_parameters())
     compiled = [(rule, rule.pattern()) for rule in rules]
-    expected = _expected(params, rules, num_layers, shard_slice)
+    offset = split.expert_offset if split is not None else 0
+    expected = _expected(params, rules, num_layers, shard_slice, offset)
     loaded: set[Target] = set()
     unexpected, errors = [], []
-    for name, tensor in iter_tensors(checkpoint):
-        target = _match(name, compiled)
+    for name, part in iter_slices(checkpoint):
+        found = _match(name, compiled)
+        target = found[0] if found else None
+        if target is not None and target[1] is not None and target not in expected:
+            local = target[1] - offset
+            size = params[target[0]].shape[0] if target[0] in params else 0
+            if split is not None and found[1].tp == "expert" and not 0 <= local < size:
+                continue  # another rank's expert
         if target is None or target not in expected:
             if target is not None or not any(re.search(p, name) for p in ignore):
-                unexpected.append(f"{name} {tuple(tensor.shape)}")
+                unexpected.append(f"{name} {tuple(part.get_shape())}")
             continue
         param_name, expert, shard = target
         dest = params[param_name].data
         if expert is not None:
-            dest = dest[expert]
+            dest = dest[expert - offset]
         if shard is not None:
             dest = dest[shard_slice(shard, dest.shape[0])]
-        if tuple(dest.shape) != tuple(tensor.shape):
-            errors.append(f"{name}: expected {tuple(dest.shape)}, found {tuple(tensor.shape)}")
-            loaded.add(target)  # named as mis-shaped, not as missing too
+        loaded.add(target)  # a mis-shaped tensor is named as such, not as missing too
+        try:
+            pieces = _pieces(part, dest, found[1], param_name, split, shard_slice)
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
             continue
         with torch.no_grad():
-            dest.copy_(tensor.to(dest.dtype))
-        loaded.add(target)
+            for d, tensor in pieces:
+                d.copy_(tensor.to(d.dtype))
     missing = sorted(expected[t] for t in set(expected) - loaded)
     problems = []
     if missing:
@@ -134,11 +173,60 @@ def load_weights(
         raise WeightLoadError(f"checkpoint {checkpoint}: " + "; ".join(problems))
 
 
+def _pieces(
+    part: Any,
+    dest: torch.Tensor,
+    rule: WeightRule,
+    param: str,
+    split: Split | None,
+    shard_slice: Callable[[str, int], slice],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(destination view, source tensor) pairs that load ``part`` into ``dest``; a ValueError
+    names the shapes when it does not fit."""
+    found = tuple(part.get_shape())
+    if split is None or split.world == 1 or rule.tp in ("replicated", "expert"):
+        if found != tuple(dest.shape):
+            raise ValueError(f"expected {tuple(dest.shape)}, found {found}")
+        return [(dest, part[:])]
+    if rule.tp == "vocab":
+        n = dest.shape[0]
+        start = split.rank * n
+        rows = max(0, min(found[0], start + n) - start)
+        if found[1:] != tuple(dest.shape[1:]) or -(-found[0] // split.world) != n:
+            raise ValueError(
+                f"expected {(n * split.world, *dest.shape[1:])} (vocabulary rows in {split.world} "
+                f"parts of {n}), found {found}"
+            )
+        dest.zero_()
+        return [(dest[:rows], part[start : start + rows])] if rows else []
+    dim = 0 if rule.tp == "column" else 1
+    names = split.parts(param) if rule.shard is None and dim == 0 else ()
+    spans = (
+        [(dest[shard_slice(p, dest.shape[0])], split.global_slice(p, found[0])) for p in names]
+        if names
+        else [(dest, slice(0, found[dim]))]
+    )
+    pieces = []
+    for d, span in spans:
+        full, mine = span.stop - span.start, d.shape[dim]
+        other = found[1 - dim] if len(found) > 1 else None
+        if mine == 0 or full % mine or (other is not None and other != d.shape[1 - dim]):
+            raise ValueError(
+                f"cannot be cut into {split.world} {rule.tp} parts: this rank's part is "
+                f"{tuple(d.shape)}, the tensor {found}"
+            )
+        start = span.start + (split.rank * (full // mine) // split.world) * mine
+        src = part[start : start + mine] if dim == 0 else part[:, start : start + mine]
+        pieces.append((d, src))
+    return pieces
+
+
 def _expected(
     params: dict[str, nn.Parameter],
     rules: list[WeightRule],
     num_layers: int,
     shard_slice: Callable[[str, int], slice],
+    expert_offset: int = 0,
 ) -> dict[Target, str]:
     """Each target the rules fill in this module -> the checkpoint name that would fill it and
     the shape it must have, for error messages."""
@@ -149,7 +237,7 @@ def _expected(
             if param not in params:
                 continue
             shape = tuple(params[param].shape)
-            experts = range(shape[0]) if "{e}" in rule.hf else [None]
+            experts = range(expert_offset, expert_offset + shape[0]) if "{e}" in rule.hf else [None]
             if "{e}" in rule.hf:
                 shape = shape[1:]
             if rule.shard is not None:
@@ -161,11 +249,13 @@ def _expected(
     return expected
 
 
-def _match(name: str, compiled: list[tuple[WeightRule, re.Pattern[str]]]) -> Target | None:
+def _match(
+    name: str, compiled: list[tuple[WeightRule, re.Pattern[str]]]
+) -> tuple[Target, WeightRule] | None:
     for rule, pattern in compiled:
         m = pattern.match(name)
         if m:
             groups = m.groupdict()
             expert = int(groups["e"]) if "e" in groups else None
-            return rule.param.format(i=groups.get("i")), expert, rule.shard
+            return (rule.param.format(i=groups.get("i")), expert, rule.shard), rule
     return None
