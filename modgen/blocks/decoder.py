@@ -12,7 +12,7 @@ import logging
 import re
 from abc import abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,8 +23,9 @@ from modgen.blocks.hf import as_ids, merge_hf
 from modgen.blocks.interfaces import Block, Step
 from modgen.blocks.registry import BlockSpec, build_block, get_block
 from modgen.engine.batch import RaggedBatch
+from modgen.engine.parallel import Parallel
 from modgen.model import CausalLM, ModelConfig, ModelSpec, read_hf_config, resolve_dtype
-from modgen.weights import WeightRule, load_weights
+from modgen.weights import Split, WeightRule, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class DecoderArch:
     experts_per_token: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     """Family settings blocks read (for example Falcon's fused QKV layout)."""
+    tp_rank: int = 0
+    """This rank's place among ``tp_world`` tensor-parallel ranks; blocks build their shard."""
+    tp_world: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.mlp, BlockSpec):
@@ -83,6 +87,37 @@ class DecoderArch:
             )
 
     @property
+    def local_heads(self) -> int:
+        """Query heads this rank holds."""
+        return self.num_heads // self.tp_world
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads this rank holds (one, replicated, when the ranks outnumber them)."""
+        return max(1, self.num_kv_heads // self.tp_world)
+
+    @property
+    def local_vocab(self) -> int:
+        """Vocabulary rows this rank holds (the last rank's part padded with zero rows)."""
+        return -(-self.vocab_size // self.tp_world)
+
+    def local(self, n: int, what: str) -> int:
+        """This rank's equal part of ``n`` columns of ``what``; ``n`` must split evenly."""
+        if n % self.tp_world:
+            raise ValueError(f"{what} of {n} does not split evenly over {self.tp_world} ranks")
+        return n // self.tp_world
+
+    def check_split(self) -> None:
+        """Refuse, with the numbers, a tensor-parallel degree this shape cannot take."""
+        n, hkv = self.tp_world, self.num_kv_heads
+        if self.num_heads % n:
+            raise ValueError(f"tensor_parallel={n} does not divide {self.num_heads} query heads")
+        if hkv % n and n % hkv:
+            raise ValueError(
+                f"tensor_parallel={n} neither divides nor is a multiple of {hkv} KV heads"
+            )
+
+    @property
     def uniform_window(self) -> int | None:
         """The window every layer has, else None (some layer attends to everything)."""
         first = self.windows[0]
@@ -90,7 +125,20 @@ class DecoderArch:
 
 
 class DecoderLM(CausalLM):
-    """A decoder assembled from the blocks its family's ``arch`` names."""
+    """A decoder assembled from the blocks its family's ``arch`` names.
+
+    Over ``parallel``'s tensor-parallel ranks (Megatron's split) each rank builds and loads its
+    shard: its query and KV heads, its columns of the MLP, its experts, its rows of the
+    vocabulary (embedding and LM head); the blocks sum their partial outputs over the ranks and
+    the logits are gathered. Norms, positions and routers are replicated."""
+
+    supports_tensor_parallel = True
+    packed_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "qkv": ("q", "k", "v"),
+        "gate_up": ("gate", "up"),
+        "experts_gate_up": ("gate", "up"),
+    }
+    """Packed parameters (by their module's attribute) and their parts, in row order."""
 
     hf_model_types: tuple[str, ...] = ()
     """config.json ``model_type`` values this family loads."""
@@ -151,9 +199,13 @@ class DecoderLM(CausalLM):
             tie_word_embeddings=arch.tie_word_embeddings, checkpoint=config.checkpoint,
         )  # fmt: skip
 
-    def __init__(self, config: ModelConfig, device: torch.device) -> None:
-        super().__init__(config, device)
-        self.arch, hf = self.arch_of(config)
+    def __init__(
+        self, config: ModelConfig, device: torch.device, parallel: Parallel | None = None
+    ) -> None:
+        super().__init__(config, device, parallel)
+        arch, hf = self.arch_of(config)
+        self.arch = replace(arch, tp_rank=self.parallel.rank, tp_world=self.parallel.world)
+        self.arch.check_split()
         self.spec = self.describe(config)
         self.dtype = resolve_dtype(config.dtype, hf)
         self._shape_attributes(self.spec)
@@ -172,7 +224,7 @@ class DecoderLM(CausalLM):
         a = self.arch
         self.ops = cpu_ops.choose_ops(
             config.cpu_kernels, torch.device(device), self.dtype, a.hidden_size,
-            a.intermediate_size, a.vocab_size,
+            a.intermediate_size // a.tp_world, a.local_vocab,
         )  # fmt: skip
         if torch.device(device).type == "cpu":
             self._cpu_linear_layouts(config.cpu_linear)
@@ -186,18 +238,30 @@ class DecoderLM(CausalLM):
             spec.max_position_embeddings,
         )
         self.sliding_window, self.eos_token_ids = spec.sliding_window, list(spec.eos_token_ids)
+        self.num_heads, self.num_kv_heads = self.arch.local_heads, self.arch.local_kv_heads
 
     def _build(self, a: DecoderArch) -> None:
         width = a.embed_dim or a.hidden_size
-        self.embed = nn.Embedding(a.vocab_size, width)
+        self.embed = nn.Embedding(a.local_vocab, width)
         self.position = build_block(a.position, a)
         self.project_in = nn.Linear(width, a.hidden_size, bias=False) if a.embed_dim else None
         self.layers = nn.ModuleList(build_block(a.layer, a, i) for i in range(a.num_layers))
         self.norm = build_block(a.norm, a.hidden_size) if a.final_norm else None
         self.project_out = nn.Linear(a.hidden_size, width, bias=False) if a.embed_dim else None
-        self.lm_head = nn.Linear(width, a.vocab_size, bias=a.lm_head_bias)
+        self.lm_head = nn.Linear(width, a.local_vocab, bias=a.lm_head_bias)
         if a.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        if a.tp_world > 1:
+            serial = [
+                f"{name} ({type(m).__name__})"
+                for name, m in self.named_modules()
+                if isinstance(m, Block) and not m.tensor_parallel
+            ]
+            if serial:
+                raise ValueError(
+                    f"model '{self.registry_name}' has blocks that cannot be split over "
+                    f"{a.tp_world} ranks: {', '.join(serial)}"
+                )
 
     def attention_spec(self) -> AttentionSpec:
         return replace(super().attention_spec(), rotary_dim=self.position.rotary_dim)
@@ -218,19 +282,38 @@ class DecoderLM(CausalLM):
     def load_checkpoint(self, checkpoint: str) -> None:
         """Load safetensors weights by ``weight_rules``."""
         a = self.arch
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        packed = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
 
-        def shard_slice(shard: str, rows: int) -> slice:
-            halves = {"gate": slice(0, rows // 2), "up": slice(rows // 2, rows)}
-            return packed[shard] if shard in packed else halves[shard]
+        def slicer(heads: int, kv_heads: int):
+            q, kv = heads * a.head_dim, kv_heads * a.head_dim
+            packed = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+
+            def shard_slice(shard: str, rows: int) -> slice:
+                halves = {"gate": slice(0, rows // 2), "up": slice(rows // 2, rows)}
+                return packed[shard] if shard in packed else halves[shard]
+
+            return shard_slice
+
+        shard_slice = slicer(a.local_heads, a.local_kv_heads)
+        split = None
+        if a.tp_world > 1:
+            split = Split(
+                rank=a.tp_rank, world=a.tp_world,
+                global_slice=slicer(a.num_heads, a.num_kv_heads),
+                parts=self._packed_parts_of,
+                expert_offset=a.tp_rank * (a.num_experts // a.tp_world),
+            )  # fmt: skip
 
         rules, ignore = self.checkpoint_rules(), self.ignored_weights
         if a.tie_word_embeddings:  # a tied head may be saved too: it is the embedding
             heads = [r.hf for r in rules if r.param == "lm_head.weight"]
             ignore = (*ignore, *(f"^{re.escape(h)}$" for h in heads))
-        load_weights(self, checkpoint, rules, shard_slice, a.num_layers, ignore)
+        load_weights(self, checkpoint, rules, shard_slice, a.num_layers, ignore, split)
         log.info("loaded %s from %s", self.registry_name, checkpoint)
+
+    def _packed_parts_of(self, param: str) -> tuple[str, ...]:
+        """The parts of a packed parameter (by its name), in row order; () if not packed."""
+        *_, module, leaf = ("", *param.split("."))
+        return self.packed_parts.get(leaf, self.packed_parts.get(module, ()))
 
     def checkpoint_rules(self) -> list[WeightRule]:
         """The weight map of this model's checkpoint (``weight_rules``; a family whose layouts
@@ -263,8 +346,8 @@ class DecoderLM(CausalLM):
         attn_meta: Any,
     ) -> torch.Tensor:
         rope = self.position.tables(batch.positions, self.dtype)
-        step = Step(batch, attn, attn_meta, self.ops, rope)
-        h = self.embed(batch.input_ids)  # [T, hidden]
+        step = Step(batch, attn, attn_meta, self.ops, rope, self.parallel)
+        h = self._embed(batch.input_ids)  # [T, hidden]
         if self.embed_scale is not None:
             h = h * self.embed_scale
         if self.project_in is not None:
@@ -277,4 +360,18 @@ class DecoderLM(CausalLM):
             h, _ = self.norm(h, self.ops)
         if self.project_out is not None:
             h = self.project_out(h)
-        return self.lm_head(h)  # [R, vocab]
+        logits = self.lm_head(h)  # [R, vocab] (this rank's rows of it)
+        if self.parallel.world > 1:
+            logits = self.parallel.all_gather_last(logits)[:, : self.arch.vocab_size]
+        return logits
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; over ranks each looks up the ids in its rows, zero for the others,
+        and the parts are summed."""
+        if self.parallel.world == 1:
+            return self.embed(ids)
+        n = self.arch.local_vocab
+        local = ids - self.parallel.rank * n
+        mine = (local >= 0) & (local < n)
+        h = self.embed(local.clamp(0, n - 1)) * mine.unsqueeze(-1).to(self.dtype)
+        return self.parallel.all_reduce(h)

@@ -9,7 +9,7 @@ place (a block that keeps a derived copy of a weight makes it there).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from modgen.attention import AttentionBackend
 from modgen.engine.batch import RaggedBatch
+from modgen.engine.parallel import SINGLE, Parallel
 
 
 @dataclass
@@ -31,10 +32,16 @@ class Step:
     """Element-wise ops (``modgen.blocks.ops.TorchOps`` or a faster implementation)."""
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     """Rotary tables (cos, sin) [T, 1, rotary_dim] of the step's positions; None without RoPE."""
+    parallel: Parallel = field(default_factory=lambda: SINGLE)
+    """The tensor-parallel ranks the blocks' partial sums are reduced over."""
 
 
 class Block(nn.Module, ABC):
     """Base of every block."""
+
+    tensor_parallel: bool = False
+    """Whether the block builds one rank's shard from ``arch.tp_rank`` / ``arch.tp_world`` and
+    reduces its partial output over ``step.parallel`` (or, like a norm, needs nothing)."""
 
     @classmethod
     def check(cls, **settings: Any) -> None:
@@ -46,6 +53,8 @@ class Block(nn.Module, ABC):
 
 class Norm(Block):
     """A normalisation over the last dim, with the residual add before it fused in."""
+
+    tensor_parallel = True  # replicated: every rank holds the whole hidden state
 
     @abstractmethod
     def forward(
@@ -60,6 +69,7 @@ class PositionEncoding(Block):
 
     rotary_dim: int | None = None
     """Head dims RoPE rotates (the first ones); None without RoPE."""
+    tensor_parallel = True  # replicated
 
     def tables(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -72,7 +72,8 @@ class CppOps(TorchOps):
         cpu_kernels.ops()  # build (or load) them now: a missing compiler shows here
 
     def rms_norm(self, x, weight, eps, residual=None):
-        return cpu_kernels.rms_norm(x, weight, eps, residual)
+        # rows of a strided view (one KV head's slice of a packed projection) are copied once
+        return cpu_kernels.rms_norm(x.contiguous(), weight, eps, residual)
 
     def silu_mul(self, gate_up):
         return cpu_kernels.silu_mul(gate_up)

@@ -22,7 +22,11 @@ multi-query)."""
 
 @register_block("attention", "qkv")
 class QKVAttention(AttentionBlock):
-    """Self-attention of one layer over the paged KV cache, with that layer's sliding window."""
+    """Self-attention of one layer over the paged KV cache, with that layer's sliding window.
+    Over tensor-parallel ranks each holds its query heads and their KV heads (q/k/v split by
+    columns), and the output projection, split by rows, is summed over the ranks."""
+
+    tensor_parallel = True
 
     def __init__(
         self,
@@ -36,7 +40,13 @@ class QKVAttention(AttentionBlock):
         prescale: bool = False,
     ) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        if arch.tp_world > 1 and layout != "packed":
+            raise ValueError(
+                f"tensor parallelism over the fused q/k/v layout '{layout}' is not implemented "
+                "(its rows interleave heads; engine.tensor_parallel must be 1)"
+            )
+        self.heads, self.kv_heads, self.dim = arch.local_heads, arch.local_kv_heads, arch.head_dim
+        self.first_rank = arch.tp_rank == 0
         self.window, self.layout, self.prescale = arch.windows[index], layout, prescale
         self.q_size, self.kv_size = self.heads * self.dim, self.kv_heads * self.dim
         self.scale = self.dim**-0.5
@@ -55,7 +65,10 @@ class QKVAttention(AttentionBlock):
 
     @torch.no_grad()
     def post_load(self) -> None:
-        """Rows of a Falcon-layout fused weight (and bias) into the packed order."""
+        """Rows of a Falcon-layout fused weight (and bias) into the packed order; the output
+        bias on the first rank only (the ranks' outputs are summed)."""
+        if not self.first_rank and self.o_proj.bias is not None:
+            self.o_proj.bias.zero_()
         if self.layout == "packed":
             return
         for p in (self.qkv.weight, self.qkv.bias):
@@ -89,4 +102,4 @@ class QKVAttention(AttentionBlock):
             if rope is not None:
                 q, k = rotate(q, *rope), rotate(k, *rope)
             o = attn.forward(q, k, v, kv_cache, batch, step.meta, scale, self.window)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return step.parallel.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))

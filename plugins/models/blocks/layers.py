@@ -13,6 +13,8 @@ from modgen.blocks import LayerLayout, build_block, register_block
 class _Layer(LayerLayout):
     """A layer's attention and feed-forward blocks, and ``norms`` norms (attn_norm, mlp_norm)."""
 
+    tensor_parallel = True  # its blocks reduce their own partial outputs
+
     def __init__(self, arch: Any, index: int, norms: int) -> None:
         super().__init__()
         self.attn_norm = build_block(arch.norm, arch.hidden_size)

@@ -47,41 +47,68 @@ def gated_act(gate_up: torch.Tensor, act: str, ops: Any) -> torch.Tensor:
     return ACTIVATIONS[act](gate) * up
 
 
+class _ShardedMLP(FeedForward):
+    """Over tensor-parallel ranks the up (and gate) projection splits by columns and the down
+    projection by rows; the ranks' outputs are summed (``reduce``; a block that sums several
+    partial outputs itself, as the MoE block does, passes False)."""
+
+    tensor_parallel = True
+
+    def __init__(self, arch: Any, intermediate: int, bias: bool, reduce: bool) -> None:
+        super().__init__()
+        self.width = arch.local(intermediate, "the MLP width")
+        self.down = nn.Linear(self.width, arch.hidden_size, bias=bias)
+        self.first_rank, self.reduce = arch.tp_rank == 0, reduce
+
+    @torch.no_grad()
+    def post_load(self) -> None:
+        if not self.first_rank and self.down.bias is not None:
+            self.down.bias.zero_()  # summed over the ranks: added once
+
+    def output(self, h: torch.Tensor, step: Any) -> torch.Tensor:
+        y = self.down(h)
+        return step.parallel.all_reduce(y) if self.reduce else y
+
+
 @register_block("mlp", "gated")
-class GatedMLP(FeedForward):
+class GatedMLP(_ShardedMLP):
     """``down(act(gate(x)) * up(x))`` with gate and up packed into one projection."""
 
     def __init__(
-        self, arch: Any, *, intermediate: int, act: str = "silu", bias: bool = False
+        self,
+        arch: Any,
+        *,
+        intermediate: int,
+        act: str = "silu",
+        bias: bool = False,
+        reduce: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(arch, intermediate, bias, reduce)
         self.act = act
-        self.gate_up = nn.Linear(arch.hidden_size, 2 * intermediate, bias=bias)
-        self.down = nn.Linear(intermediate, arch.hidden_size, bias=bias)
+        self.gate_up = nn.Linear(arch.hidden_size, 2 * self.width, bias=bias)
 
     @classmethod
     def check(cls, *, act: str = "silu", **_: Any) -> None:
         check_activation(act)
 
     def forward(self, x, step):
-        return self.down(gated_act(self.gate_up(x), self.act, step.ops))
+        return self.output(gated_act(self.gate_up(x), self.act, step.ops), step)
 
 
 @register_block("mlp", "plain")
-class PlainMLP(FeedForward):
+class PlainMLP(_ShardedMLP):
     """``down(act(up(x)))``."""
 
     def __init__(
         self, arch: Any, *, intermediate: int, act: str = "gelu", bias: bool = True
     ) -> None:
-        super().__init__()
+        super().__init__(arch, intermediate, bias, reduce=True)
         self.act = ACTIVATIONS[act]
-        self.up = nn.Linear(arch.hidden_size, intermediate, bias=bias)
-        self.down = nn.Linear(intermediate, arch.hidden_size, bias=bias)
+        self.up = nn.Linear(arch.hidden_size, self.width, bias=bias)
 
     @classmethod
     def check(cls, *, act: str = "gelu", **_: Any) -> None:
         check_activation(act)
 
     def forward(self, x, step):
-        return self.down(self.act(self.up(x)))
+        return self.output(self.act(self.up(x)), step)

@@ -18,7 +18,11 @@ from modgen.plugins.models.blocks.mlp import GatedMLP, check_activation, gated_a
 @register_block("moe", "topk")
 class TopKMoE(FeedForward):
     """Experts are gated MLPs whose weights are stacked: ``experts_gate_up`` [E, 2I, hidden]
-    (gate rows first) and ``experts_down`` [E, hidden, I]."""
+    (gate rows first) and ``experts_down`` [E, hidden, I]. Over tensor-parallel ranks each
+    holds whole experts (E / ranks of them; the router is replicated) and its shard of the
+    shared expert; their partial outputs are summed in one all-reduce."""
+
+    tensor_parallel = True
 
     def __init__(
         self,
@@ -37,11 +41,13 @@ class TopKMoE(FeedForward):
             num_experts, top_k, act, renormalize,
         )  # fmt: skip
         self.router = nn.Linear(hidden, num_experts, bias=False)
-        self.experts_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.experts_down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        local = arch.local(num_experts, "experts")
+        self.first_expert = arch.tp_rank * local
+        self.experts_gate_up = nn.Parameter(torch.empty(local, 2 * intermediate, hidden))
+        self.experts_down = nn.Parameter(torch.empty(local, hidden, intermediate))
         self.shared = self.shared_gate = None
         if shared_intermediate:
-            self.shared = GatedMLP(arch, intermediate=shared_intermediate, act=act)
+            self.shared = GatedMLP(arch, intermediate=shared_intermediate, act=act, reduce=False)
             self.shared_gate = nn.Linear(hidden, 1, bias=False)
 
     @classmethod
@@ -65,8 +71,9 @@ class TopKMoE(FeedForward):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens, pair_weights = order // self.top_k, weights.flatten()[order]
         out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
+        first, local = self.first_expert, self.experts_down.shape[0]
+        start = sum(counts[:first])
+        for e, n in enumerate(counts[first : first + local]):
             if n == 0:
                 continue
             rows = tokens[start : start + n]
@@ -76,4 +83,4 @@ class TopKMoE(FeedForward):
             start += n
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x, step)
-        return out
+        return step.parallel.all_reduce(out)
