@@ -8,9 +8,10 @@ import torch
 
 from modgen.blocks import block, build_block
 from modgen.blocks.ops import TorchOps
+from modgen.engine.parallel import SINGLE
 
-STEP = SimpleNamespace(ops=TorchOps())
-"""What the block reads of a step: the element-wise ops."""
+STEP = SimpleNamespace(ops=TorchOps(), parallel=SINGLE)
+"""What the block reads of a step: the element-wise ops, the (single) rank."""
 
 
 @torch.no_grad()

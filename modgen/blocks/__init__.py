@@ -14,6 +14,9 @@ from modgen.blocks.interfaces import (
     Norm,
     PositionEncoding,
     Step,
+    tp_heads,
+    tp_part,
+    tp_place,
 )
 from modgen.blocks.registry import (
     BlockError,
@@ -40,4 +43,7 @@ __all__ = [
     "build_block",
     "get_block",
     "register_block",
+    "tp_heads",
+    "tp_part",
+    "tp_place",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 from modgen.attention import AttentionBackend, AttentionSpec
 from modgen.blocks import ops as cpu_ops
 from modgen.blocks.hf import as_ids, merge_hf
-from modgen.blocks.interfaces import Block, Step
+from modgen.blocks.interfaces import Block, Step, tp_heads
 from modgen.blocks.registry import BlockSpec, build_block, get_block
 from modgen.engine.batch import RaggedBatch
 from modgen.engine.parallel import Parallel
@@ -89,23 +89,17 @@ class DecoderArch:
     @property
     def local_heads(self) -> int:
         """Query heads this rank holds."""
-        return self.num_heads // self.tp_world
+        return tp_heads(self)[0]
 
     @property
     def local_kv_heads(self) -> int:
         """KV heads this rank holds (one, replicated, when the ranks outnumber them)."""
-        return max(1, self.num_kv_heads // self.tp_world)
+        return tp_heads(self)[1]
 
     @property
     def local_vocab(self) -> int:
         """Vocabulary rows this rank holds (the last rank's part padded with zero rows)."""
         return -(-self.vocab_size // self.tp_world)
-
-    def local(self, n: int, what: str) -> int:
-        """This rank's equal part of ``n`` columns of ``what``; ``n`` must split evenly."""
-        if n % self.tp_world:
-            raise ValueError(f"{what} of {n} does not split evenly over {self.tp_world} ranks")
-        return n // self.tp_world
 
     def check_split(self) -> None:
         """Refuse, with the numbers, a tensor-parallel degree this shape cannot take."""

@@ -36,6 +36,27 @@ class Step:
     """The tensor-parallel ranks the blocks' partial sums are reduced over."""
 
 
+def tp_place(arch: Any) -> tuple[int, int]:
+    """(rank, world) of the tensor-parallel shard a block builds from ``arch`` (``tp_rank`` and
+    ``tp_world`` of a ``DecoderArch``; (0, 1), the whole model, for an object without them)."""
+    return getattr(arch, "tp_rank", 0), getattr(arch, "tp_world", 1)
+
+
+def tp_part(arch: Any, n: int, what: str) -> int:
+    """This rank's equal part of ``n`` (columns, experts) of ``what``; it must split evenly."""
+    world = tp_place(arch)[1]
+    if n % world:
+        raise ValueError(f"{what} of {n} does not split evenly over {world} ranks")
+    return n // world
+
+
+def tp_heads(arch: Any) -> tuple[int, int]:
+    """(query heads, KV heads) this rank holds: KV heads are replicated, one per rank, when the
+    ranks outnumber them."""
+    world = tp_place(arch)[1]
+    return tp_part(arch, arch.num_heads, "query heads"), max(1, arch.num_kv_heads // world)
+
+
 class Block(nn.Module, ABC):
     """Base of every block."""
 

@@ -10,6 +10,7 @@ import argparse
 import atexit
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,10 @@ def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen]
         subprocess.Popen([*command, "--rank", str(r), "--world", str(n), "--init", init_method])
         for r in range(1, n)
     ]
-    parallel = par.init(0, n, init_method, ctx.device, ctx.tp_timeout_s)
+    try:
+        parallel = par.init(0, n, init_method, ctx.device, ctx.tp_timeout_s)
+    finally:  # every rank read it before joining
+        shutil.rmtree(context.parent, ignore_errors=True)
     atexit.register(stop, parallel, workers)
     return parallel, workers
 

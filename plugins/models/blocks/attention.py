@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modgen.blocks import AttentionBlock, BlockSpec, build_block, register_block
+from modgen.blocks import AttentionBlock, BlockSpec, build_block, register_block, tp_heads, tp_place
 from modgen.plugins.models.blocks.position import rotate
 
 LAYOUTS = ("packed", "falcon_grouped", "falcon_interleaved")
@@ -40,13 +40,14 @@ class QKVAttention(AttentionBlock):
         prescale: bool = False,
     ) -> None:
         super().__init__()
-        if arch.tp_world > 1 and layout != "packed":
+        rank, world = tp_place(arch)
+        if world > 1 and layout != "packed":
             raise ValueError(
                 f"tensor parallelism over the fused q/k/v layout '{layout}' is not implemented "
                 "(its rows interleave heads; engine.tensor_parallel must be 1)"
             )
-        self.heads, self.kv_heads, self.dim = arch.local_heads, arch.local_kv_heads, arch.head_dim
-        self.first_rank = arch.tp_rank == 0
+        (self.heads, self.kv_heads), self.dim = tp_heads(arch), arch.head_dim
+        self.first_rank = rank == 0
         self.window, self.layout, self.prescale = arch.windows[index], layout, prescale
         self.q_size, self.kv_size = self.heads * self.dim, self.kv_heads * self.dim
         self.scale = self.dim**-0.5

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modgen.blocks import FeedForward, register_block
+from modgen.blocks import FeedForward, register_block, tp_part, tp_place
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,9 @@ class _ShardedMLP(FeedForward):
 
     def __init__(self, arch: Any, intermediate: int, bias: bool, reduce: bool) -> None:
         super().__init__()
-        self.width = arch.local(intermediate, "the MLP width")
+        self.width = tp_part(arch, intermediate, "the MLP width")
         self.down = nn.Linear(self.width, arch.hidden_size, bias=bias)
-        self.first_rank, self.reduce = arch.tp_rank == 0, reduce
+        self.first_rank, self.reduce = tp_place(arch)[0] == 0, reduce
 
     @torch.no_grad()
     def post_load(self) -> None:

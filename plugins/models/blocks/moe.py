@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modgen.blocks import FeedForward, register_block
+from modgen.blocks import FeedForward, register_block, tp_part, tp_place
 from modgen.plugins.models.blocks.mlp import GatedMLP, check_activation, gated_act
 
 
@@ -41,8 +41,8 @@ class TopKMoE(FeedForward):
             num_experts, top_k, act, renormalize,
         )  # fmt: skip
         self.router = nn.Linear(hidden, num_experts, bias=False)
-        local = arch.local(num_experts, "experts")
-        self.first_expert = arch.tp_rank * local
+        local = tp_part(arch, num_experts, "experts")
+        self.first_expert = tp_place(arch)[0] * local
         self.experts_gate_up = nn.Parameter(torch.empty(local, 2 * intermediate, hidden))
         self.experts_down = nn.Parameter(torch.empty(local, hidden, intermediate))
         self.shared = self.shared_gate = None
