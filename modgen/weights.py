@@ -96,19 +96,22 @@ class Split:
     """How this rank's parameters are cut from full checkpoint tensors (tensor parallelism).
 
     Parameters are built at this rank's sizes; a ``column`` (``row``) rule's tensor is cut into
-    equal parts along its rows (columns) of the parameter's size and this rank takes part
-    ``rank * parts // world`` (so KV heads fewer than the ranks are replicated); ``vocab`` takes
-    rows ``[rank * n, (rank + 1) * n)`` of the ``n`` the parameter has, zero past the vocabulary;
-    ``expert`` loads only the experts ``[expert_offset, expert_offset + n)``. A packed parameter
-    (``parts`` names its parts, for example q, k and v) loaded from one fused tensor is cut part
-    by part: ``global_slice`` gives a part's rows in the full tensor, the loader's
+    ``world`` equal parts along its rows (columns) and this rank takes part ``rank`` (k and v,
+    when there are fewer KV heads than ranks, into one part per KV head, and this rank takes
+    part ``rank * parts // world``: replicated); ``vocab`` takes rows ``[rank * n, (rank + 1) *
+    n)`` of the ``n`` the parameter has, zero past the vocabulary; ``expert`` loads only the
+    experts ``[rank * n, (rank + 1) * n)`` of the ``n`` the parameter stacks. A packed
+    parameter (``parts`` names its parts, for example q, k and v) loaded from one fused tensor
+    is cut part by part: ``global_slice`` gives a part's rows in the full tensor, the loader's
     ``shard_slice`` its rows in this rank's parameter."""
 
     rank: int
     world: int
     global_slice: Callable[[str, int], slice]
     parts: Callable[[str], tuple[str, ...]]
-    expert_offset: int = 0
+    vocab_size: int
+    replicable: tuple[str, ...] = ("k", "v")
+    """Parts that may have fewer pieces than there are ranks (KV heads)."""
 
 
 def load_weights(
@@ -131,18 +134,14 @@ def load_weights(
     """
     params = dict(module.named_parameters())
     compiled = [(rule, rule.pattern()) for rule in rules]
-    offset = split.expert_offset if split is not None else 0
-    expected = _expected(params, rules, num_layers, shard_slice, offset)
+    expected = _expected(params, rules, num_layers, shard_slice, split)
     loaded: set[Target] = set()
     unexpected, errors = [], []
     for name, part in iter_slices(checkpoint):
         found = _match(name, compiled)
         target = found[0] if found else None
-        if target is not None and target[1] is not None and target not in expected:
-            local = target[1] - offset
-            size = params[target[0]].shape[0] if target[0] in params else 0
-            if split is not None and found[1].tp == "expert" and not 0 <= local < size:
-                continue  # another rank's expert
+        if target not in expected and _elsewhere(found, params, split):
+            continue  # another rank's expert
         if target is None or target not in expected:
             if target is not None or not any(re.search(p, name) for p in ignore):
                 unexpected.append(f"{name} {tuple(part.get_shape())}")
@@ -150,7 +149,7 @@ def load_weights(
         param_name, expert, shard = target
         dest = params[param_name].data
         if expert is not None:
-            dest = dest[expert - offset]
+            dest = dest[expert - _first_expert(found[1], dest.shape[0], split)]
         if shard is not None:
             dest = dest[shard_slice(shard, dest.shape[0])]
         loaded.add(target)  # a mis-shaped tensor is named as such, not as missing too
@@ -173,6 +172,21 @@ def load_weights(
         raise WeightLoadError(f"checkpoint {checkpoint}: " + "; ".join(problems))
 
 
+def _first_expert(rule: WeightRule, local: int, split: Split | None) -> int:
+    """The first expert of the ``local`` a parameter stacks on this rank."""
+    return split.rank * local if split is not None and rule.tp == "expert" else 0
+
+
+def _elsewhere(found: Any, params: dict[str, nn.Parameter], split: Split | None) -> bool:
+    """Whether a matched tensor is an expert another rank holds (not a stranger)."""
+    if split is None or found is None:
+        return False
+    (param, expert, _), rule = found
+    if expert is None or rule.tp != "expert" or param not in params:
+        return False
+    return 0 <= expert < split.world * params[param].shape[0]
+
+
 def _pieces(
     part: Any,
     dest: torch.Tensor,
@@ -192,25 +206,35 @@ def _pieces(
         n = dest.shape[0]
         start = split.rank * n
         rows = max(0, min(found[0], start + n) - start)
-        if found[1:] != tuple(dest.shape[1:]) or -(-found[0] // split.world) != n:
+        if found[1:] != tuple(dest.shape[1:]) or found[0] != split.vocab_size:
             raise ValueError(
-                f"expected {(n * split.world, *dest.shape[1:])} (vocabulary rows in {split.world} "
-                f"parts of {n}), found {found}"
+                f"expected {(split.vocab_size, *dest.shape[1:])} (cut into {split.world} parts of "
+                f"{n} rows), found {found}"
             )
         dest.zero_()
         return [(dest[:rows], part[start : start + rows])] if rows else []
     dim = 0 if rule.tp == "column" else 1
     names = split.parts(param) if rule.shard is None and dim == 0 else ()
     spans = (
-        [(dest[shard_slice(p, dest.shape[0])], split.global_slice(p, found[0])) for p in names]
+        [(p, dest[shard_slice(p, dest.shape[0])], split.global_slice(p, found[0])) for p in names]
         if names
-        else [(dest, slice(0, found[dim]))]
+        else [(rule.shard, dest, slice(0, found[dim]))]
     )
+    if names and spans[-1][2].stop != found[0]:
+        raise ValueError(f"expected {spans[-1][2].stop} rows ({', '.join(names)}), found {found}")
     pieces = []
-    for d, span in spans:
+    for name, d, span in spans:
         full, mine = span.stop - span.start, d.shape[dim]
         other = found[1 - dim] if len(found) > 1 else None
-        if mine == 0 or full % mine or (other is not None and other != d.shape[1 - dim]):
+        parts = full // mine if mine else 0
+        fewer = 0 < parts < split.world and not split.world % parts  # KV heads fewer than ranks
+        replicated = name in split.replicable and fewer
+        heads = split.global_slice(name, 0) if name in ("q", "k", "v") else None
+        if (
+            mine == 0 or full % mine or (parts != split.world and not replicated)
+            or (other is not None and other != d.shape[1 - dim])
+            or (heads is not None and full != heads.stop - heads.start)
+        ):  # fmt: skip
             raise ValueError(
                 f"cannot be cut into {split.world} {rule.tp} parts: this rank's part is "
                 f"{tuple(d.shape)}, the tensor {found}"
@@ -226,7 +250,7 @@ def _expected(
     rules: list[WeightRule],
     num_layers: int,
     shard_slice: Callable[[str, int], slice],
-    expert_offset: int = 0,
+    split: Split | None = None,
 ) -> dict[Target, str]:
     """Each target the rules fill in this module -> the checkpoint name that would fill it and
     the shape it must have, for error messages."""
@@ -237,7 +261,8 @@ def _expected(
             if param not in params:
                 continue
             shape = tuple(params[param].shape)
-            experts = range(expert_offset, expert_offset + shape[0]) if "{e}" in rule.hf else [None]
+            first = _first_expert(rule, shape[0], split)
+            experts = range(first, first + shape[0]) if "{e}" in rule.hf else [None]
             if "{e}" in rule.hf:
                 shape = shape[1:]
             if rule.shard is not None:
