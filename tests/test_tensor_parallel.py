@@ -7,11 +7,13 @@ or hangs fails the step and makes the engine unhealthy instead of hanging it; to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,10 +95,18 @@ def test_other_families_tp2_match_transformers(kind, zoo):
     check_exact(llm, zoo.prompts, zoo.reference(kind), params)
 
 
+class Alone(Parallel):
+    """A rank's place without its peers: rank 0's choices are plain torch's, broadcast to no one."""
+
+    def broadcast(self, obj=None):
+        return (("torch", "torch"), {})
+
+
 def shard(kind: str, path: Path, rank: int):
     """Rank ``rank`` of two's model, built in this process (building and loading need no peer)."""
-    node = compose_config([f"model={kind}", f"model.checkpoint={path}"]).model
-    return build("model", node, device=torch.device("cpu"), parallel=Parallel(rank=rank, world=2))
+    plain = ["model.cpu_kernels=false", "model.cpu_linear=blas"]
+    node = compose_config([f"model={kind}", f"model.checkpoint={path}", *plain]).model
+    return build("model", node, device=torch.device("cpu"), parallel=Alone(rank=rank, world=2))
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "phi3"])
@@ -135,7 +145,24 @@ def test_bad_splits_are_refused_with_the_numbers(checkpoints, zoo):
         shard("falcon", zoo.path("falcon_new"), 0)
 
 
-def test_a_checkpoint_that_cannot_be_cut_names_the_tensor(ckpt_dir):
+def edited(src: Path, dst: Path, changes: dict) -> Path:
+    """A copy of checkpoint ``src`` with tensors replaced (a tensor) or added (a name: tensor)."""
+    from safetensors.torch import save_file
+
+    from modgen.weights import iter_tensors
+
+    dst.mkdir(exist_ok=True)
+    tensors = dict(iter_tensors(src))
+    tensors.update(changes)
+    save_file(tensors, dst / "model.safetensors")
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst
+
+
+def test_a_checkpoint_that_cannot_be_cut_names_the_tensor(ckpt_dir, zoo):
+    """Cut as TP=1 loads it, or refused naming the tensor: a short up_proj (not a whole number
+    of parts), a k_proj of one KV head (would pass for a replicated head), an embedding of fewer
+    rows than the vocabulary, an expert beyond the experts (on either rank)."""
     from checkpoints import make_checkpoint
 
     from modgen.weights import iter_tensors
@@ -143,16 +170,28 @@ def test_a_checkpoint_that_cannot_be_cut_names_the_tensor(ckpt_dir):
     path = make_checkpoint(ckpt_dir / "odd_vocab", "llama", vocab_size=95)  # 95 rows: 48 + 47
     part = shard("llama", path, 1)  # the last rank's vocabulary part is padded, not refused
     assert part.embed.weight.shape[0] == 48 and not part.embed.weight[47].any()
-    bad = ckpt_dir / "short_up"
-    bad.mkdir(exist_ok=True)
-    from safetensors.torch import save_file
-
-    tensors = dict(iter_tensors(path))
-    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:96]
-    save_file(tensors, bad / "model.safetensors")
-    (bad / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(WeightLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: cannot be"):
-        shard("llama", bad, 0)
+    full = dict(iter_tensors(path))
+    up, k, emb = (
+        f"model.{n}.weight"
+        for n in ("layers.1.mlp.up_proj", "layers.0.self_attn.k_proj", "embed_tokens")
+    )
+    cases = {
+        "short_up": ({up: full[up][:96]}, rf"{up}: cannot be"),
+        "one_kv_head": ({k: full[k][:16]}, rf"{k}: cannot be"),
+        "short_vocab": ({emb: full[emb][:94]}, rf"{emb}: expected \(95, 64\)"),
+    }
+    for name, (changes, error) in cases.items():
+        bad = edited(path, ckpt_dir / name, changes)
+        for rank in (0, 1):
+            with pytest.raises(WeightLoadError, match=error.replace(".", r"\.")):
+                shard("llama", bad, rank)
+    moe = zoo.path("mixtral")
+    w2 = "model.layers.0.block_sparse_moe.experts.0.w2.weight"
+    extra = {w2.replace(".0.w2", ".8.w2"): dict(iter_tensors(moe))[w2]}
+    bad = edited(moe, ckpt_dir / "ninth_expert", extra)
+    for rank in (0, 1):
+        with pytest.raises(WeightLoadError, match=r"unexpected weights: .*experts\.8\.w2"):
+            shard("mixtral", bad, rank)
 
 
 def test_a_dead_rank_fails_the_step_and_the_engine_is_unhealthy(checkpoints, prompts):
@@ -165,6 +204,20 @@ def test_a_dead_rank_fails_the_step_and_the_engine_is_unhealthy(checkpoints, pro
     assert all(o.finish_reason == "error" for o in out)
     assert "rank 1" in out[0].error and "exited" in out[0].error
     assert not llm.engine.is_healthy
+
+
+def test_an_idle_engine_outlives_the_collective_timeout(checkpoints, prompts, hf_reference):
+    """The other ranks wait for the next step inside a collective that times out after
+    engine.tp_timeout_s; rank 0's heartbeats keep an idle engine (a quiet server, a pause
+    between generate calls) alive past it."""
+    overrides = [*TP2, "engine.tp_timeout_s=2"]
+    llm = LLM("llama", checkpoint=str(checkpoints["llama"]), overrides=overrides)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert llm.generate(prompts[:1], params)[0].error is None
+    time.sleep(5)  # 2.5 timeouts idle
+    out = llm.generate(prompts[:2], params)
+    assert [o.token_ids for o in out] == [ref[:4] for ref, _ in hf_reference["llama"][:2]]
+    assert llm.engine.is_healthy
 
 
 def test_a_hung_rank_times_out_instead_of_hanging(checkpoints, prompts):
@@ -218,3 +271,45 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, checkpoints, prompts, hf_refer
     assert len(printed) == 1, logs  # only rank 0 runs the engine's caller
     tokens = json.loads(printed[0].split("TOKENS", 1)[1])
     assert tokens == [ref[:6] for ref, _ in hf_reference["llama"][:3]]
+
+
+def test_a_served_engine_whose_rank_dies_answers_503_and_exits_non_zero(checkpoints, tmp_path):
+    """``task=serve engine.tensor_parallel=2``: it serves; once rank 1 is killed the request in
+    flight gets a 500 naming the rank, /health is 503 and the server exits non-zero (so a
+    supervisor, or the balancer of ``serve.replicas``, restarts it)."""
+    import httpx
+    from serve_utils import wait_for
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        "task=serve", f"serve.port={port}", "model=llama", "engine.tensor_parallel=2",
+        f"model.checkpoint={checkpoints['llama']}", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "modgen", *args], stdout=out, stderr=out)
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    body = {"model": "llama", "prompt": [5, 6, 7], "max_tokens": 3}
+    try:
+        wait_for(up, timeout=120, interval=0.2)
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in children:  # the rank the server started
+            os.kill(int(pid), signal.SIGKILL)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 500 and "rank 1" in r.json()["error"]["message"]
+        with contextlib.suppress(httpx.TransportError):  # unless it has stopped listening
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 503
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0, log.read_text()

@@ -215,14 +215,28 @@ class DecoderLM(CausalLM):
         self.embed_scale = None  # Gemma's normalizer: a tensor in the model's dtype, as in HF
         if self.arch.embed_scale is not None:
             self.embed_scale = torch.tensor(self.arch.embed_scale, dtype=self.dtype, device=device)
-        a = self.arch
-        self.ops = cpu_ops.choose_ops(
-            config.cpu_kernels, torch.device(device), self.dtype, a.hidden_size,
-            a.intermediate_size // a.tp_world, a.local_vocab,
-        )  # fmt: skip
-        if torch.device(device).type == "cpu":
-            self._cpu_linear_layouts(config.cpu_linear)
+        self._fast_paths(config, torch.device(device))
         self.eval()
+
+    def _fast_paths(self, config: ModelConfig, device: torch.device) -> None:
+        """The element-wise ops and each linear layer's layout on the CPU, measured; over
+        several ranks rank 0 measures and every rank takes its choices, so the computations
+        every rank repeats (norms, routers) stay bit for bit the same on all."""
+        a, first, cpu = self.arch, self.parallel.is_first, device.type == "cpu"
+        choice, layouts = None, {}
+        if first:
+            self.ops = cpu_ops.choose_ops(
+                config.cpu_kernels, device, self.dtype, a.hidden_size,
+                a.intermediate_size // a.tp_world, a.vocab_size,
+            )  # fmt: skip
+            choice = self.ops.choice
+            layouts = self._choose_layouts(config.cpu_linear) if cpu else {}
+        if self.parallel.world > 1:
+            choice, layouts = self.parallel.broadcast((choice, layouts))
+            if not first:
+                self.ops = cpu_ops.named_ops(choice)
+        if cpu:
+            self._apply_layouts(layouts)
 
     def _shape_attributes(self, spec: ModelSpec) -> None:
         self.num_layers, self.num_heads = spec.num_layers, spec.num_heads
@@ -294,7 +308,7 @@ class DecoderLM(CausalLM):
                 rank=a.tp_rank, world=a.tp_world,
                 global_slice=slicer(a.num_heads, a.num_kv_heads),
                 parts=self._packed_parts_of,
-                expert_offset=a.tp_rank * (a.num_experts // a.tp_world),
+                vocab_size=a.vocab_size,
             )  # fmt: skip
 
         rules, ignore = self.checkpoint_rules(), self.ignored_weights
@@ -314,22 +328,33 @@ class DecoderLM(CausalLM):
         name their tensors differently picks by ``self.arch``)."""
         return list(self.weight_rules)
 
-    def _cpu_linear_layouts(self, setting: str) -> None:
-        """Run each linear layer the way ``model.cpu_linear`` says (``auto``: the layout
-        measured fastest for its shape, at the rows a step feeds it). A tied LM head gets a
-        packed copy or none: the embedding keeps its rows contiguous for the lookup."""
-        tied = self.lm_head.weight is self.embed.weight
-        chosen: dict[tuple, str] = {}
+    def _linears(self) -> list[tuple[str, nn.Linear, tuple]]:
+        """Each linear layer, its name and its shape key (in, out, bias, rows a step feeds)."""
+        out = []
         for name, lin in list(self.named_modules()):
-            if not isinstance(lin, nn.Linear):
-                continue
-            parent_name, _, attr = name.rpartition(".")
-            rows = (32,) if name == "lm_head" else (32, 512)
-            key = (lin.in_features, lin.out_features, lin.bias is not None, rows)
+            if isinstance(lin, nn.Linear):
+                rows = (32,) if name == "lm_head" else (32, 512)
+                key = (lin.in_features, lin.out_features, lin.bias is not None, rows)
+                out.append((name, lin, key))
+        return out
+
+    def _choose_layouts(self, setting: str) -> dict[tuple, str]:
+        """The layout ``model.cpu_linear`` gives each linear shape (``auto``: the layout
+        measured fastest for its shape, at the rows a step feeds it)."""
+        chosen: dict[tuple, str] = {}
+        for _, _, key in self._linears():
             if key not in chosen:
-                chosen[key] = cpu_ops.choose_layout(setting, *key[:3], self.dtype, rows)
-            if tied and name == "lm_head" and chosen[key] != "onednn":
-                continue  # F.linear on the embedding's own [vocab, hidden] rows
+                chosen[key] = cpu_ops.choose_layout(setting, *key[:3], self.dtype, key[3])
+        return chosen
+
+    def _apply_layouts(self, chosen: dict[tuple, str]) -> None:
+        """Run each linear layer in its shape's layout. A tied LM head gets a packed copy or
+        none: the embedding keeps its rows contiguous for the lookup."""
+        tied = self.lm_head.weight is self.embed.weight
+        for name, lin, key in self._linears():
+            if key not in chosen or (tied and name == "lm_head" and chosen[key] != "onednn"):
+                continue  # as loaded; a tied head: F.linear on the embedding's own rows
+            parent_name, _, attr = name.rpartition(".")
             setattr(self.get_submodule(parent_name), attr, cpu_ops.with_layout(lin, chosen[key]))
 
     def forward(
@@ -355,8 +380,10 @@ class DecoderLM(CausalLM):
         if self.project_out is not None:
             h = self.project_out(h)
         logits = self.lm_head(h)  # [R, vocab] (this rank's rows of it)
-        if self.parallel.world > 1:
-            logits = self.parallel.all_gather_last(logits)[:, : self.arch.vocab_size]
+        if self.parallel.world > 1:  # rank 0 samples: the whole vocabulary there
+            logits = self.parallel.gather_last(logits)
+            if self.parallel.is_first:
+                logits = logits[:, : self.arch.vocab_size]
         return logits
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,11 @@ class TorchOps:
 
     name = "torch"
 
+    @property
+    def choice(self) -> tuple[str, str]:
+        """(fused norm and SwiGLU's implementation, the arg-max's): see ``named_ops``."""
+        return self.name, self.name
+
     def rms_norm(
         self,
         x: torch.Tensor,
@@ -90,6 +95,7 @@ class MixedOps(TorchOps):
     def __init__(self, fused: TorchOps, argmax: TorchOps) -> None:
         self.fused, self._argmax = fused, argmax
         self.name = f"{fused.name}+argmax:{argmax.name}"
+        self.choice = (fused.name, argmax.name)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return self.fused.rms_norm(x, weight, eps, residual)
@@ -131,7 +137,16 @@ def choose_ops(
     f = calibration.choose("rmsnorm+swiglu", shape, runs, "torch", version).name
     runs = {"torch": lambda: torch_ops.argmax(logits), "cpp": lambda: cpp.argmax(logits)}
     a = calibration.choose("argmax", {"vocab": vocab}, runs, "torch", version).name
-    pick = {"torch": torch_ops, "cpp": cpp}
+    return named_ops((f, a), cpp)
+
+
+def named_ops(choice: tuple[str, str], cpp: TorchOps | None = None) -> TorchOps:
+    """The ops ``choice`` names (``ops.choice`` of another's: the fused norm and SwiGLU's
+    implementation, then the arg-max's; each ``torch`` or ``cpp``)."""
+    pick = {"torch": TorchOps()}
+    if "cpp" in choice:
+        pick["cpp"] = cpp or CppOps()
+    f, a = choice
     return pick[f] if f == a else MixedOps(pick[f], pick[a])
 
 

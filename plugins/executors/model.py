@@ -3,8 +3,10 @@ clock; with ``engine.tensor_parallel=N`` over N ranks (see ``modgen.engine.paral
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,7 @@ from modgen import registry
 from modgen.engine.batch import batch_of, step_inputs
 from modgen.engine.clock import WallClock
 from modgen.engine.executor import Executor, ExecutorConfig, ExecutorContext
-from modgen.engine.parallel import Parallel
+from modgen.engine.parallel import Heartbeat, Parallel
 from modgen.engine.sampler import Sampler
 from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import Sequence
@@ -41,9 +43,28 @@ class ModelExecutor(Executor):
         self.clock = WallClock()
         self.workers: list[Any] = []
         self._broken: str | None = None
-        self.parallel = ctx.parallel or self._join(ctx)
+        self._threads = torch.get_num_threads()
+        self.heartbeat: Heartbeat | None = None
+        self.parallel, device = (ctx.parallel, ctx.device) if ctx.parallel else self._join(ctx)
+        try:
+            self._build(ctx, device)
+        except BaseException:  # the ranks never got in step: end them, leave the group
+            if self.parallel.world > 1 and self.parallel.is_first:
+                ranks.stop(self.parallel, self.workers, broken=True)
+                torch.set_num_threads(self._threads)
+            raise
+        if self.parallel.world > 1 and self.parallel.is_first:
+            interval = max(0.5, min(15.0, ctx.tp_timeout_s / 4))
+            self.heartbeat = Heartbeat(self.parallel, interval)
+            atexit.register(self.heartbeat.stop)  # before the ranks are told to stop
+        if self.parallel.world > 1 and ctx.parallel is None and not self.parallel.is_first:
+            self.serve_steps()  # a torchrun rank other than 0: serve rank 0's steps, then end
+            raise SystemExit(0)
+
+    def _build(self, ctx: ExecutorContext, device: torch.device) -> None:
+        """This rank's model (its shard), attention backend, KV cache and sampler."""
         extra = {"parallel": self.parallel} if self.parallel.world > 1 else {}
-        self.model = registry.build("model", ctx.model, device=ctx.device, **extra)
+        self.model = registry.build("model", ctx.model, device=device, **extra)
         self.attn = self._attention(ctx.attention)
         self.device = self.model.device
         num_kv_heads = self.model.attention_spec().num_kv_heads  # this rank's
@@ -54,22 +75,19 @@ class ModelExecutor(Executor):
                 for _ in range(self.spec.num_layers)
             ]
         self.sampler = Sampler(ctx.seed, argmax=self.model.argmax)
-        if self.parallel.world > 1 and ctx.parallel is None and not self.parallel.is_first:
-            self.serve_steps()  # a torchrun rank other than 0: serve rank 0's steps, then end
-            raise SystemExit(0)
 
-    def _join(self, ctx: ExecutorContext) -> Parallel:
+    def _join(self, ctx: ExecutorContext) -> tuple[Parallel, torch.device]:
         """This process's place among ``ctx.tensor_parallel`` ranks (starting the others on
-        this host unless torchrun did)."""
+        this host unless torchrun did) and its device."""
         n = ctx.tensor_parallel
         if n == 1:
-            return Parallel()
+            return Parallel(), ctx.device
         ranks.check(n, ctx)
-        if ctx.device.type == "cpu":  # the ranks share the cores instead of each taking all
-            torch.set_num_threads(ranks.threads_per_rank(n))
-        parallel, self.workers = ranks.join(n, ctx)
-        log.info("tensor parallel: rank %d of %d", parallel.rank, n)
-        return parallel
+        if ctx.device.type == "cpu":  # the ranks here share the cores instead of each taking all
+            torch.set_num_threads(ranks.threads_per_rank(ranks.ranks_here(n)))
+        parallel, self.workers, device = ranks.join(n, ctx)
+        log.info("tensor parallel: rank %d of %d on %s", parallel.rank, n, device)
+        return parallel, device
 
     def _attention(self, node: Any) -> Any:
         """The attention backend; over several ranks, the one rank 0 chose (``auto`` measures
@@ -96,11 +114,28 @@ class ModelExecutor(Executor):
         if self.broken is not None:
             raise RuntimeError(self.broken)
         try:
-            self.parallel.broadcast(("step", inputs))
-            return self._run(inputs)
-        except Exception as exc:  # a collective failed: a rank died or hung past the timeout
-            self._broken = f"tensor-parallel step failed ({exc}); the ranks are out of step"
+            if self.heartbeat.failed is not None:
+                raise self.heartbeat.failed
+            with self.heartbeat:
+                self.parallel.broadcast(("step", inputs))
+                return self._run(inputs)
+        except Exception as exc:  # the ranks are out of step: a rank died, hung or failed
+            gone = self._rank_gone(wait_s=1.0)
+            why = gone or f"tensor-parallel step failed ({exc})"
+            self._broken = f"{why}; the ranks are out of step, the engine cannot go on"
             raise RuntimeError(self._broken) from exc
+
+    def _rank_gone(self, wait_s: float) -> str | None:
+        """Which started rank exited, waiting up to ``wait_s`` for one that is going."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                ranks.check_alive(self.workers)
+            except RuntimeError as exc:
+                return str(exc)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _run(self, inputs: dict[str, Any]) -> torch.Tensor:
         batch = batch_of(inputs, self.device)
@@ -113,7 +148,8 @@ class ModelExecutor(Executor):
             what, inputs = self.parallel.broadcast()
             if what == "stop":
                 return
-            self._run(inputs)
+            if what == "step":  # else a heartbeat of an idle rank 0
+                self._run(inputs)
 
     def execute(self, plan: StepPlan, banned: list[list[int]]) -> list[int | Exception]:
         logits = self.forward(plan)
@@ -148,14 +184,18 @@ class ModelExecutor(Executor):
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tensor_parallel": self.parallel.world}
-        for what, seconds in sorted(self.parallel.seconds.items()):  # rank 0's, this run's
+        for what, seconds in sorted(self.parallel.seconds.items()):  # rank 0's, since start
             out[f"{what}_s"] = round(seconds, 4)
             out[f"{what}_calls"] = self.parallel.calls[what]
         return out
 
     def close(self) -> None:
         if self.parallel.world > 1 and self.parallel.is_first:
-            ranks.stop(self.parallel, self.workers)
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+                atexit.unregister(self.heartbeat.stop)
+            ranks.stop(self.parallel, self.workers, broken=self._broken is not None)
+            torch.set_num_threads(self._threads)
 
     @property
     def broken(self) -> str | None:

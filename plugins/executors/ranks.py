@@ -47,24 +47,46 @@ def check(n: int, ctx: ExecutorContext) -> None:
             f"engine.tensor_parallel={n} neither divides nor is a multiple of the model's "
             f"{spec.num_kv_heads} KV heads"
         )
-    have = torch.cuda.device_count() if where == "cuda" else (os.cpu_count() or 1)
-    if n > have:
+    if not spec.num_experts and spec.intermediate_size % n:
         raise ValueError(
-            f"engine.tensor_parallel={n} ranks, but this host has {have} "
-            f"{'GPUs' if where == 'cuda' else 'cores'}"
+            f"engine.tensor_parallel={n} does not divide the model's MLP width of "
+            f"{spec.intermediate_size}"
+        )
+    if spec.num_experts % n:
+        raise ValueError(
+            f"engine.tensor_parallel={n} does not divide the model's {spec.num_experts} experts"
+        )
+    launch = par.torchrun_world()
+    here = launch.local_world if launch is not None else n
+    have = torch.cuda.device_count() if where == "cuda" else (os.cpu_count() or 1)
+    if here > have:
+        raise ValueError(
+            f"engine.tensor_parallel={n} puts {here} ranks on this host, but this host has "
+            f"{have} {'GPUs' if where == 'cuda' else 'cores'}"
         )
 
 
-def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen]]:
-    """Rank 0's place among ``n`` ranks: torchrun's, or ranks 1..n-1 started here."""
-    env = par.torchrun_world()
-    if env is not None:
-        rank, world = env
-        if world != n:
-            raise ValueError(f"engine.tensor_parallel={n}, but torchrun started {world} ranks")
-        parallel = par.init(rank, world, "env://", _device(ctx.device, rank), ctx.tp_timeout_s)
+def ranks_here(n: int) -> int:
+    """How many of the ``n`` ranks run on this host (torchrun's local world, else all)."""
+    launch = par.torchrun_world()
+    return launch.local_world if launch is not None else n
+
+
+def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen], torch.device]:
+    """This process's place among ``n`` ranks (torchrun's; or rank 0, starting ranks 1..n-1
+    here), the ranks it started, and its device (its own GPU on CUDA)."""
+    par.check_free()
+    launch = par.torchrun_world()
+    if launch is not None:
+        if launch.world != n:
+            raise ValueError(
+                f"engine.tensor_parallel={n}, but torchrun started {launch.world} ranks"
+            )
+        device = par.rank_device(ctx.device, launch.local_rank)
+        parallel = par.init(launch.rank, n, "env://", device, ctx.tp_timeout_s, launch.local_rank)
         atexit.register(stop, parallel, [])
-        return parallel, []
+        return parallel, [], device
+    device = par.rank_device(ctx.device, 0)
     init_method = f"tcp://127.0.0.1:{par.free_port()}"
     context = _write_context(ctx)
     command = [sys.executable, "-m", "modgen.plugins.executors.ranks", str(context)]
@@ -73,11 +95,14 @@ def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen]
         for r in range(1, n)
     ]
     try:
-        parallel = par.init(0, n, init_method, ctx.device, ctx.tp_timeout_s)
+        parallel = par.init(0, n, init_method, device, ctx.tp_timeout_s)
+    except BaseException:
+        _end(workers, at_once=True)
+        raise
     finally:  # every rank read it before joining
         shutil.rmtree(context.parent, ignore_errors=True)
     atexit.register(stop, parallel, workers)
-    return parallel, workers
+    return parallel, workers, device
 
 
 def check_alive(workers: list[subprocess.Popen]) -> None:
@@ -96,27 +121,31 @@ def _send_stop(parallel: Parallel) -> None:
         log.warning("could not tell the ranks to stop: %s", exc)
 
 
-def stop(parallel: Parallel, workers: list[subprocess.Popen]) -> None:
+def stop(parallel: Parallel, workers: list[subprocess.Popen], broken: bool = False) -> None:
     """At close or exit (once): tell the other ranks to stop (they end their loops), end those
     started here that are still there, and leave the process group (so this process may start
-    another tensor-parallel engine)."""
+    another tensor-parallel engine). ``broken`` (the ranks are out of step, or never got in
+    step): end the started ranks at once instead."""
     if not dist.is_initialized():
         return
     atexit.unregister(stop)
-    if parallel.is_first and all(p.poll() is None for p in workers):
+    if not broken and parallel.is_first and all(p.poll() is None for p in workers):
         sender = threading.Thread(target=_send_stop, args=(parallel,), daemon=True)
         sender.start()
         sender.join(timeout=10)
-    for proc in workers:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        broken = sender.is_alive()
+    _end(workers, at_once=broken)
     dist.destroy_process_group()
 
 
-def _device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else device
+def _end(workers: list[subprocess.Popen], at_once: bool) -> None:
+    """Wait for the started ranks to end (up to 10 s each; at once: none), killing the rest."""
+    for proc in workers:
+        try:
+            proc.wait(timeout=0.1 if at_once else 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _write_context(ctx: ExecutorContext) -> Path:
@@ -143,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[rank {a.rank}] %(levelname)s %(message)s")
     data = OmegaConf.load(a.context)
-    device = _device(torch.device(data.device), a.rank)
+    device = par.rank_device(torch.device(data.device), a.rank)  # rank r of one host
     if device.type == "cpu":
         torch.set_num_threads(threads_per_rank(a.world))
     parallel = par.init(a.rank, a.world, a.init, device, data.tp_timeout_s)

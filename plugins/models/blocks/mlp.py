@@ -54,10 +54,11 @@ class _ShardedMLP(FeedForward):
 
     tensor_parallel = True
 
-    def __init__(self, arch: Any, intermediate: int, bias: bool, reduce: bool) -> None:
+    down: nn.Linear
+
+    def __init__(self, arch: Any, intermediate: int, reduce: bool) -> None:
         super().__init__()
         self.width = tp_part(arch, intermediate, "the MLP width")
-        self.down = nn.Linear(self.width, arch.hidden_size, bias=bias)
         self.first_rank, self.reduce = tp_place(arch)[0] == 0, reduce
 
     @torch.no_grad()
@@ -83,9 +84,10 @@ class GatedMLP(_ShardedMLP):
         bias: bool = False,
         reduce: bool = True,
     ) -> None:
-        super().__init__(arch, intermediate, bias, reduce)
+        super().__init__(arch, intermediate, reduce)
         self.act = act
         self.gate_up = nn.Linear(arch.hidden_size, 2 * self.width, bias=bias)
+        self.down = nn.Linear(self.width, arch.hidden_size, bias=bias)
 
     @classmethod
     def check(cls, *, act: str = "silu", **_: Any) -> None:
@@ -102,9 +104,10 @@ class PlainMLP(_ShardedMLP):
     def __init__(
         self, arch: Any, *, intermediate: int, act: str = "gelu", bias: bool = True
     ) -> None:
-        super().__init__(arch, intermediate, bias, reduce=True)
+        super().__init__(arch, intermediate, reduce=True)
         self.act = ACTIVATIONS[act]
         self.up = nn.Linear(arch.hidden_size, self.width, bias=bias)
+        self.down = nn.Linear(self.width, arch.hidden_size, bias=bias)
 
     @classmethod
     def check(cls, *, act: str = "gelu", **_: Any) -> None:
