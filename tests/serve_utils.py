@@ -74,6 +74,21 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def wait_until_serving(proc, url: str, log: Path, timeout: float = 120) -> None:
+    """Wait for the server process ``proc`` to answer 200 on ``url``/health (its log shown
+    should it exit first)."""
+    import httpx
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=timeout, interval=0.2)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.02):
     """Poll until ``predicate()`` is truthy; returns its value or raises after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import threading
 
 import httpx
 import pytest
-from serve_utils import slow_steps, start_server, wait_for
+from serve_utils import slow_steps, start_server, wait_for, wait_until_serving
 
 OK = {"model": "mistral", "prompt": "w3 w4", "max_tokens": 2}
 ONCE_FATAL = [  # each of these stopped the engine loop for good (issue 10)
@@ -239,16 +239,8 @@ def test_a_failed_engine_makes_the_server_exit_non_zero(checkpoints, tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(up, timeout=120, interval=0.2)
+        wait_until_serving(proc, url, log)
         statuses = [post(url, OK).status_code for _ in range(2)]
         code = proc.wait(timeout=30)
     finally:

@@ -278,7 +278,7 @@ def test_a_served_engine_whose_rank_dies_answers_503_and_exits_non_zero(checkpoi
     flight gets a 500 naming the rank, /health is 503 and the server exits non-zero (so a
     supervisor, or the balancer of ``serve.replicas``, restarts it)."""
     import httpx
-    from serve_utils import wait_for
+    from serve_utils import wait_until_serving
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -290,16 +290,9 @@ def test_a_served_engine_whose_rank_dies_answers_503_and_exits_non_zero(checkpoi
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "modgen", *args], stdout=out, stderr=out)
 
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.HTTPError:
-            return False
-
     body = {"model": "llama", "prompt": [5, 6, 7], "max_tokens": 3}
     try:
-        wait_for(up, timeout=120, interval=0.2)
+        wait_until_serving(proc, url, log)
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         for pid in children:  # the rank the server started
