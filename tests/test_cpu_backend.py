@@ -369,3 +369,10 @@ def test_each_build_reports_its_instruction_set(isa):
     lib = cpu.load(64, isa)
     assert lib.modgen_isa().decode() == isa
     assert lib.modgen_vector_width() == {"avx512": 16, "avx2": 8}.get(isa, 4)
+
+
+def test_ops_are_rebuilt_from_their_choice():
+    """Ranks other than 0 rebuild rank 0's measured ops from ``ops.choice`` (tensor parallelism)."""
+    torch_ops, cpp = ops.TorchOps(), ops.CppOps()
+    for chosen in (torch_ops, cpp, ops.MixedOps(torch_ops, cpp), ops.MixedOps(cpp, torch_ops)):
+        assert ops.named_ops(chosen.choice).name == chosen.name

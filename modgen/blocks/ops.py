@@ -95,7 +95,10 @@ class MixedOps(TorchOps):
     def __init__(self, fused: TorchOps, argmax: TorchOps) -> None:
         self.fused, self._argmax = fused, argmax
         self.name = f"{fused.name}+argmax:{argmax.name}"
-        self.choice = (fused.name, argmax.name)
+
+    @property
+    def choice(self) -> tuple[str, str]:
+        return self.fused.name, self._argmax.name
 
     def rms_norm(self, x, weight, eps, residual=None):
         return self.fused.rms_norm(x, weight, eps, residual)
