@@ -67,23 +67,16 @@ def check_exact(llm: LLM, prompts, reference, params=GREEDY) -> list:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_llama_tp2_matches_transformers(schedule, checkpoints, prompts, hf_reference):
-    llm = LLM("llama", checkpoint=str(checkpoints["llama"]), overrides=[*TP2, *SCHEDULES[schedule]])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_tp2_matches_transformers(kind, schedule, checkpoints, prompts, hf_reference):
+    """Llama (Llama-3 RoPE scaling) and Mistral (a window of 8, shorter than most prompts)."""
+    llm = LLM(kind, checkpoint=str(checkpoints[kind]), overrides=[*TP2, *SCHEDULES[schedule]])
     assert llm.engine.executor.parallel.world == 2
-    outs = check_exact(llm, prompts, hf_reference["llama"])
+    outs = check_exact(llm, prompts, hf_reference[kind])
     if schedule == "preempting":
         assert sum(o.metrics.num_preemptions for o in outs) > 0
     report = llm.engine.executor.report()  # rank 0 timed its collectives
     assert report["tensor_parallel"] == 2 and report["all_reduce_calls"] > 0
-
-
-def test_mistral_tp2_window_matches_transformers(checkpoints, prompts, hf_reference):
-    llm = LLM(
-        "mistral",
-        checkpoint=str(checkpoints["mistral"]),
-        overrides=[*TP2, *SCHEDULES["splitfuse-7"]],
-    )
-    check_exact(llm, prompts, hf_reference["mistral"])
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gemma"])
