@@ -8,6 +8,7 @@ BUILTIN = (
     "modgen.plugins.models.blocks.mlp",
     "modgen.plugins.models.blocks.moe",
     "modgen.plugins.models.blocks.layers",
+    "modgen.plugins.models.blocks.cpu_ops",
     "modgen.plugins.models.llama",
     "modgen.plugins.models.qwen2",
     "modgen.plugins.models.qwen3",

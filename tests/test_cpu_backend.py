@@ -17,6 +17,7 @@ from modgen.blocks import ops
 from modgen.blocks.ops import rms_norm
 from modgen.kernels import cpu
 from modgen.plugins.attention.torch_ref import TorchAttention
+from modgen.plugins.models.blocks.cpu_ops import CppOps
 from modgen.plugins.models.blocks.position import rotate
 
 Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
@@ -264,7 +265,7 @@ def test_fused_ops_are_torch_operators_that_need_no_attention_build(monkeypatch)
         raise AssertionError("an attention kernel was built")
 
     monkeypatch.setattr(cpu, "load", no_build)
-    fused = ops.CppOps()
+    fused = CppOps()
     logits = torch.randn(4, 1000)
     assert torch.equal(fused.argmax(logits), logits.argmax(-1))
     assert torch.ops.modgen.argmax.default.name() == "modgen::argmax"
@@ -373,6 +374,6 @@ def test_each_build_reports_its_instruction_set(isa):
 
 def test_ops_are_rebuilt_from_their_choice():
     """Ranks other than 0 rebuild rank 0's measured ops from ``ops.choice`` (tensor parallelism)."""
-    torch_ops, cpp = ops.TorchOps(), ops.CppOps()
+    torch_ops, cpp = ops.TorchOps(), CppOps()
     for chosen in (torch_ops, cpp, ops.MixedOps(torch_ops, cpp), ops.MixedOps(cpp, torch_ops)):
         assert ops.named_ops(chosen.choice).name == chosen.name

@@ -5,8 +5,9 @@
   ``onednn`` (the weight reordered once into oneDNN's blocked layout, run by oneDNN's GEMM).
   Which is fastest depends on the CPU (MKL's GEMM on an AMD EPYC ran at 0.3-0.8x oneDNN's here)
   and the shape, so ``model.cpu_linear=auto`` measures each layer shape.
-- RMSNorm with its residual add, SwiGLU and the greedy arg-max: modgen's C++ kernels or torch's
-  ops (``model.cpu_kernels``: None measures them against each other).
+- RMSNorm with its residual add, SwiGLU and the greedy arg-max: torch's ops or a faster
+  implementation a plugin registers (``register_ops``; modgen's C++ kernels are one,
+  ``modgen.plugins.models.blocks.cpu_ops``); ``model.cpu_kernels``: None measures them.
 
 Every choice goes through ``modgen.calibration`` (plain torch unless another is faster by 3%),
 so the figures that decided it are logged and cached per machine and shape.
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from modgen import calibration
-from modgen.kernels import cpu as cpu_kernels
 from modgen.model import CPU_LINEAR_LAYOUTS as LINEAR_LAYOUTS
 
 log = logging.getLogger(__name__)
@@ -67,26 +67,24 @@ class TorchOps:
         return logits.argmax(dim=-1)
 
 
-class CppOps(TorchOps):
-    """The same ops through modgen's C++ kernels (torch operators; float32 on the CPU, one pass
-    each). Building them needs no head dim: the attention kernel is a separate build."""
+class OpsUnavailable(RuntimeError):
+    """A faster implementation of the ops cannot run on this machine (no compiler, say)."""
 
-    name = "cpp"
 
-    def __init__(self) -> None:
-        cpu_kernels.ops()  # build (or load) them now: a missing compiler shows here
+_FAST: dict[str, tuple[type[TorchOps], Callable[[], str]]] = {}
+"""Faster implementations offered to ``choose_ops``, by name: (class, version of its code)."""
 
-    def rms_norm(self, x, weight, eps, residual=None):
-        # rows of a strided view (one KV head's slice of a packed projection) are copied once
-        return cpu_kernels.rms_norm(x.contiguous(), weight, eps, residual)
 
-    def silu_mul(self, gate_up):
-        return cpu_kernels.silu_mul(gate_up)
+def register_ops(version: Callable[[], str]) -> Callable[[type[TorchOps]], type[TorchOps]]:
+    """Class decorator: offer a faster implementation of the element-wise ops (for float32 on
+    the CPU) to ``choose_ops`` under its ``name``. Its constructor raises OpsUnavailable when it
+    cannot run here; ``version()`` (say, its source's hash) keys its cached measurements."""
 
-    def argmax(self, logits):
-        if not logits.is_contiguous():
-            return logits.argmax(dim=-1)
-        return cpu_kernels.argmax(logits)
+    def add(cls: type[TorchOps]) -> type[TorchOps]:
+        _FAST[cls.name] = (cls, version)
+        return cls
+
+    return add
 
 
 class MixedOps(TorchOps):
@@ -114,19 +112,24 @@ def choose_ops(
     setting: bool | None, device: torch.device, dtype: torch.dtype, hidden: int, inter: int,
     vocab: int,
 ) -> TorchOps:  # fmt: skip
-    """The element-wise ops for a model: torch's off the CPU, outside float32, without a
-    compiler or with ``setting`` False; the C++ kernels with ``setting`` True; measured against
-    each other (fused norm + SwiGLU, and the arg-max, separately) with ``setting`` None."""
+    """The element-wise ops for a model: torch's off the CPU, outside float32, with ``setting``
+    False or when no faster implementation (``register_ops``) can run here; the first that can
+    with ``setting`` True; with ``setting`` None, each measured against torch's (the fused norm
+    + SwiGLU, and the arg-max, separately) and the fastest kept."""
     if setting is False or device.type != "cpu" or dtype != torch.float32:
         return TorchOps()
-    try:
-        cpp = CppOps()
-    except cpu_kernels.KernelBuildError as err:
-        log.info("model.cpu_kernels: falling back to torch ops: %s", err)
+    built: dict[str, TorchOps] = {}
+    for name, (cls, _) in _FAST.items():
+        try:
+            built[name] = cls()
+        except OpsUnavailable as err:
+            log.info("model.cpu_kernels: %s cannot run here: %s", name, err)
+    if not built:
         return TorchOps()
     if setting is True:
-        return cpp
-    torch_ops, version = TorchOps(), cpu_kernels.source_hash()
+        return next(iter(built.values()))
+    built["torch"] = TorchOps()
+    version = "+".join(_FAST[name][1]() for name in built if name != "torch")
     gen = torch.Generator().manual_seed(0)
     x, res = (torch.randn(512, hidden, generator=gen) for _ in "xr")
     w, gate_up = torch.ones(hidden), torch.randn(512, 2 * inter, generator=gen)
@@ -135,20 +138,24 @@ def choose_ops(
     def fused(ops: TorchOps) -> Callable[[], Any]:
         return lambda: (ops.rms_norm(x, w, 1e-5, res), ops.silu_mul(gate_up))
 
+    def argmax(ops: TorchOps) -> Callable[[], Any]:
+        return lambda: ops.argmax(logits)
+
     shape = {"hidden": hidden, "intermediate": inter}
-    runs = {"torch": fused(torch_ops), "cpp": fused(cpp)}
+    runs = {name: fused(ops) for name, ops in built.items()}
     f = calibration.choose("rmsnorm+swiglu", shape, runs, "torch", version).name
-    runs = {"torch": lambda: torch_ops.argmax(logits), "cpp": lambda: cpp.argmax(logits)}
+    runs = {name: argmax(ops) for name, ops in built.items()}
     a = calibration.choose("argmax", {"vocab": vocab}, runs, "torch", version).name
-    return named_ops((f, a), cpp)
+    return named_ops((f, a), built)
 
 
-def named_ops(choice: tuple[str, str], cpp: TorchOps | None = None) -> TorchOps:
+def named_ops(choice: tuple[str, str], built: dict[str, TorchOps] | None = None) -> TorchOps:
     """The ops ``choice`` names (``ops.choice`` of another's: the fused norm and SwiGLU's
-    implementation, then the arg-max's; each ``torch`` or ``cpp``)."""
-    pick = {"torch": TorchOps()}
-    if "cpp" in choice:
-        pick["cpp"] = cpp or CppOps()
+    implementation, then the arg-max's; ``torch`` or a registered name), reusing ``built``."""
+    pick = {"torch": TorchOps(), **(built or {})}
+    for name in choice:
+        if name not in pick:
+            pick[name] = _FAST[name][0]()
     f, a = choice
     return pick[f] if f == a else MixedOps(pick[f], pick[a])
 

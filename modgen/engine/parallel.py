@@ -154,8 +154,8 @@ class Heartbeat:
     every ``interval_s`` so that they never wait that long. Rank 0 runs each step's
     collectives inside ``with heartbeat:`` (one thread's collectives at a time)."""
 
-    def __init__(self, parallel: Parallel, interval_s: float) -> None:
-        self.parallel, self.interval_s = parallel, interval_s
+    def __init__(self, parallel: Parallel, interval_s: float, device: torch.device) -> None:
+        self.parallel, self.interval_s, self.device = parallel, interval_s, device
         self.lock = threading.Lock()
         self.last = time.monotonic()
         self.failed: BaseException | None = None
@@ -172,6 +172,8 @@ class Heartbeat:
         self.lock.release()
 
     def _run(self) -> None:
+        if self.device.type == "cuda":  # NCCL stages objects on the thread's current GPU
+            torch.cuda.set_device(self.device)
         while not self._stop.wait(self.interval_s / 4):
             with self.lock:
                 if self._stop.is_set() or time.monotonic() - self.last < self.interval_s:

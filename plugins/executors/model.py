@@ -55,7 +55,7 @@ class ModelExecutor(Executor):
             raise
         if self.parallel.world > 1 and self.parallel.is_first:
             interval = max(0.5, min(15.0, ctx.tp_timeout_s / 4))
-            self.heartbeat = Heartbeat(self.parallel, interval)
+            self.heartbeat = Heartbeat(self.parallel, interval, self.device)
             atexit.register(self.heartbeat.stop)  # before the ranks are told to stop
         if self.parallel.world > 1 and ctx.parallel is None and not self.parallel.is_first:
             self.serve_steps()  # a torchrun rank other than 0: serve rank 0's steps, then end
