@@ -299,3 +299,4 @@ def test_a_served_engine_whose_rank_dies_answers_503_and_exits_non_zero(checkpoi
         if proc.poll() is None:
             proc.kill()
     assert code != 0, log.read_text()
+    assert "the executor cannot run steps any more: tensor-parallel rank 1" in log.read_text()

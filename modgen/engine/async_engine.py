@@ -290,8 +290,11 @@ class AsyncEngine:
                     elif seq.request_id in self._streams:
                         self._streams[seq.request_id].queue.put_nowait(out)
                 if not self.engine.is_healthy:
+                    broken = self.engine.executor.broken
                     raise EngineDeadError(
-                        f"{self.engine.num_failed_steps} steps in a row failed every request "
+                        f"the executor cannot run steps any more: {broken}"
+                        if broken is not None
+                        else f"{self.engine.num_failed_steps} steps in a row failed every request "
                         f"they ran (last error: {self.engine.last_error})"
                     )
                 # clients see this step (and send what follows) before the next one runs, and
