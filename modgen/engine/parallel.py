@@ -31,8 +31,6 @@ class Parallel:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
-    """This rank's index among the ranks on its host (its GPU's index)."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time this rank spent in each collective (``broadcast``, ``all_reduce``,
     ``gather``), waiting for slower ranks included. With gloo (CPU) the collectives are
@@ -47,13 +45,6 @@ class Parallel:
     def is_first(self) -> bool:
         """Whether this rank runs the engine."""
         return self.rank == 0
-
-    def shard(self, n: int, what: str = "dimension") -> slice:
-        """This rank's equal part of ``range(n)``; ``n`` must divide evenly."""
-        if n % self.world:
-            raise ValueError(f"{what} of {n} does not split evenly over {self.world} ranks")
-        size = n // self.world
-        return slice(self.rank * size, (self.rank + 1) * size)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place (nothing to do alone)."""
@@ -131,9 +122,8 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
 
 
 def init(
-    rank: int, world: int, init_method: str, device: torch.device, timeout_s: float,
-    local_rank: int | None = None,
-) -> Parallel:  # fmt: skip
+    rank: int, world: int, init_method: str, device: torch.device, timeout_s: float
+) -> Parallel:
     """Join the process group (gloo on CPU, NCCL on CUDA); returns this rank's Parallel.
     ``device`` is this rank's (see ``rank_device``). Every collective, the wait of ranks
     other than 0 for the next step included, times out after ``timeout_s``: rank 0 keeps
@@ -144,8 +134,7 @@ def init(
         backend, init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )  # fmt: skip
-    local = rank if local_rank is None else local_rank
-    return Parallel(rank=rank, world=world, local_rank=local)
+    return Parallel(rank=rank, world=world)
 
 
 class Heartbeat:

@@ -56,8 +56,7 @@ def check(n: int, ctx: ExecutorContext) -> None:
         raise ValueError(
             f"engine.tensor_parallel={n} does not divide the model's {spec.num_experts} experts"
         )
-    launch = par.torchrun_world()
-    here = launch.local_world if launch is not None else n
+    here = ranks_here(n)
     have = torch.cuda.device_count() if where == "cuda" else (os.cpu_count() or 1)
     if here > have:
         raise ValueError(
@@ -83,7 +82,7 @@ def join(n: int, ctx: ExecutorContext) -> tuple[Parallel, list[subprocess.Popen]
                 f"engine.tensor_parallel={n}, but torchrun started {launch.world} ranks"
             )
         device = par.rank_device(ctx.device, launch.local_rank)
-        parallel = par.init(launch.rank, n, "env://", device, ctx.tp_timeout_s, launch.local_rank)
+        parallel = par.init(launch.rank, n, "env://", device, ctx.tp_timeout_s)
         atexit.register(stop, parallel, [])
         return parallel, [], device
     device = par.rank_device(ctx.device, 0)
