@@ -131,6 +131,7 @@ def start_vllm(
         "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
     ]
     print("+", " ".join(args), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)  # --skip modgen: nothing made it yet
     proc = subprocess.Popen(
         args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
