@@ -7,7 +7,9 @@ baseline, and the shape that makes the timing specific. ``choose`` times them in
 the fastest unless it beats the baseline by less than ``margin`` (so a choice that loses to plain
 torch on this machine is never taken), logs the figures that decided it, and caches the decision
 per machine fingerprint (CPU, vector extensions, threads, torch), shape, candidates and code
-version. ``python -m modgen.calibration`` lists the cached decisions; ``--clear`` forgets them.
+version. ``choose_size`` picks a size the same way: the smallest whose time per unit is within
+the margin of the best (SplitFuse's token budget). ``python -m modgen.calibration`` lists the
+cached decisions; ``--clear`` forgets them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,21 +96,75 @@ def choose(
 
     ``version`` names the code being timed (e.g. a kernel source hash): a new version measures
     afresh."""
+
+    def decide_now() -> tuple[str, dict[str, float]]:
+        timings = measure(candidates, repeats)
+        return decide(timings, baseline), timings
+
+    return _cached(topic, shape, sorted(candidates), version, decide_now)
+
+
+def choose_size(
+    topic: str,
+    shape: Mapping[str, Any],
+    seconds: Callable[[int], float],
+    sizes: Sequence[int],
+    version: str = "",
+    repeats: int = 3,
+    margin: float = MARGIN,
+) -> Choice:
+    """The smallest of ``sizes`` whose time per unit is within ``margin`` of the best size's
+    (measured, or from the cache): the size past which more work per call no longer pays.
+
+    ``seconds(n)`` runs one call of size ``n`` and returns how long it took by the caller's
+    clock (a simulated executor's is virtual); sizes that raise are left out. The timings are
+    the median seconds per call, interleaved over ``repeats`` rounds after a warm-up each."""
+
+    def decide_now() -> tuple[str, dict[str, float]]:
+        samples: dict[int, list[float]] = {}
+        for n in sizes:
+            try:
+                seconds(n)
+            except Exception as err:  # a size that cannot run here is no candidate
+                log.info("calibration: %s %d cannot run here: %s", topic, n, err)
+                continue
+            samples[n] = []
+        for _ in range(repeats):
+            for n in samples:
+                samples[n].append(seconds(n))
+        if not samples:
+            raise ValueError(f"calibration: no {topic} of {list(sizes)} could run")
+        per_unit = {n: statistics.median(s) / n for n, s in samples.items()}
+        best = min(per_unit.values())
+        size = min(n for n, t in per_unit.items() if t <= best * (1 + margin))
+        return str(size), {str(n): statistics.median(s) for n, s in samples.items()}
+
+    return _cached(topic, shape, [str(n) for n in sizes], version, decide_now)
+
+
+def _cached(
+    topic: str,
+    shape: Mapping[str, Any],
+    names: list[str],
+    version: str,
+    decide_now: Callable[[], tuple[str, dict[str, float]]],
+) -> Choice:
+    """The cached decision for this topic, shape, candidates, code version and machine, or
+    ``decide_now()``'s, cached; logged either way."""
     entry = {
         "topic": topic,
         "shape": dict(shape),
-        "candidates": sorted(candidates),
+        "candidates": names,
         "version": version,
         "machine": machine.fingerprint(),
     }
     key = hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()
     cache = _read_cache()
-    if key in cache and cache[key]["choice"] in candidates:
+    if key in cache and cache[key]["choice"] in names:
         choice = Choice(cache[key]["choice"], cache[key]["timings"], cached=True)
     else:
-        timings = measure(candidates, repeats)
-        choice = Choice(decide(timings, baseline), timings)
-        cache[key] = {**entry, "choice": choice.name, "timings": timings,
+        choice = Choice(*decide_now())
+        cache[key] = {**entry, "choice": choice.name, "timings": choice.timings,
                       "machine_line": machine.machine_line(),
                       "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
         _write_cache(cache)

@@ -16,6 +16,7 @@ from modgen.cpu_tuning import keep_allocations_on_heap
 from modgen.engine.clock import Clock
 from modgen.engine.executor import Executor, ExecutorContext
 from modgen.engine.kv import KVAllocator
+from modgen.engine.probe import StepProbe
 from modgen.engine.scheduling import Scheduler, StepPlan
 from modgen.engine.sequence import FinishReason, SeqStatus, Sequence
 from modgen.model import ModelSpec, describe_model
@@ -64,6 +65,9 @@ class Engine:
         chars = None if tokenizer is None else max_token_chars(tokenizer)
         self.max_prompt_chars = None if chars is None else chars * self.max_model_len
         """Text prompts longer than this are refused before tokenizing (they cannot fit)."""
+        probe = StepProbe(executor, kv, self.clock, self.max_model_len)
+        shape = {"model": repr(spec), "executor": executor.describe(), **probe.shape()}
+        scheduler.calibrate(probe, shape)
         self.requests: dict[str, Sequence] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()

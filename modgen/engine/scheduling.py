@@ -12,8 +12,9 @@ import itertools
 import sys
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from modgen.engine.kv import KVAllocator
 from modgen.engine.sequence import SeqStatus, Sequence
@@ -118,6 +119,19 @@ class Scheduler(ABC):
         self.running: list[Sequence] = []
         self._stamps = itertools.count()
         self._last_served: dict[int, int] = {}  # seq_id -> stamp of its last planned chunk
+
+    def report(self) -> dict[str, Any]:
+        """Figures for the run's results (settings in force that were chosen, say)."""
+        return {}
+
+    def calibrate(  # noqa: B027 (optional hook)
+        self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]
+    ) -> None:
+        """Called once by the engine before any request, with ``step_seconds(n)``: how long a
+        step of ``n`` tokens takes on the engine's executor (measured, or predicted by a
+        simulated one; see ``modgen.engine.probe``), and ``shape``: what identifies that executor
+        and model (for a cached decision). A scheduler with settings chosen by measurement (e.g.
+        SplitFuse's token budget) chooses them here; by default there are none."""
 
     @abstractmethod
     def schedule(self) -> StepPlan:

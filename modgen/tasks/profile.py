@@ -21,11 +21,11 @@ from modgen.bench.targets import EngineTarget
 from modgen.engine import Engine
 from modgen.engine.async_engine import AsyncEngine
 from modgen.engine.executor import step_features
+from modgen.engine.probe import synthetic_sequence
 from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import Sequence
 from modgen.profiling import Profile, ProfileFit, features_of
 from modgen.registry import register
-from modgen.sampling_params import SamplingParams
 from modgen.task import Task, TaskConfig
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,12 @@ class ProfileTask(Task):
             seqs: list[tuple[Sequence, int]] = []
             for count, ctx in decodes:
                 for _ in range(count):
-                    seq = _sequence(next(ids), ctx, 1)
+                    seq = synthetic_sequence(next(ids), ctx, 1)
                     seq.token_ids.append(0)  # one output token: the next step decodes it
                     seqs.append((seq, 1))
             if chunk is not None:
                 start, n = chunk
-                seqs.append((_sequence(next(ids), start + n, 0, computed=start), n))
+                seqs.append((synthetic_sequence(next(ids), start + n, 0, computed=start), n))
             plan = StepPlan()
             for seq, n in seqs:
                 engine.kv.allocate(seq.seq_id, seq.num_computed + n)
@@ -184,18 +184,6 @@ async def _drive(gen: LoadGenerator, specs: list, clients: int) -> None:
         await gen.closed_loop(specs, clients)
     finally:
         await gen.target.close()
-
-
-def _sequence(seq_id: int, prompt_len: int, outputs: int, computed: int | None = None) -> Sequence:
-    seq = Sequence(
-        seq_id=seq_id,
-        request_id=f"profile-{seq_id}",
-        prompt_token_ids=[1] * prompt_len,
-        params=SamplingParams(max_tokens=max(outputs, 1) + 1, temperature=0.0, ignore_eos=True),
-        max_total_tokens=prompt_len + 2,
-    )
-    seq.num_computed = prompt_len if computed is None else computed
-    return seq
 
 
 def _tokens_held(point: tuple[list[tuple[int, int]], tuple[int, int] | None]) -> int:

@@ -50,6 +50,7 @@ def engine_summary(engine: Any, kv_before: dict[str, Any] | None = None) -> dict
     out = summarize_steps(engine.stats, engine.kv.num_blocks)
     out.update(model=engine.spec.family, executor=engine.executor.registry_name)
     out.update({f"executor_{k}": v for k, v in engine.executor.report().items()})
+    out.update({f"scheduler_{k}": v for k, v in engine.scheduler.report().items()})
     out.update(prefix_cache_summary(engine.kv.report(), kv_before))
     return out
 
