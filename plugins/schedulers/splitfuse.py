@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from modgen import calibration
 from modgen.engine.kv import KVAllocator
 from modgen.engine.scheduling import Scheduler, SchedulerConfig, StepPlan
 from modgen.engine.sequence import Sequence
 from modgen.registry import register
+
+log = logging.getLogger(__name__)
+
+FALLBACK_BUDGET = 512
+"""The budget when ``token_budget=0`` and nothing measured one (a scheduler built outside an
+engine, or no candidate fitting the model and KV cache): FastGen's order of magnitude."""
 
 
 @register("scheduler", "splitfuse")
@@ -27,8 +36,13 @@ class SplitFuseScheduler(Scheduler):
     class Config(SchedulerConfig):
         """Dynamic SplitFuse settings."""
 
-        token_budget: int = 512
-        """Tokens per forward pass (decodes plus prompt chunks)."""
+        token_budget: int = 0
+        """Tokens per forward pass (decodes plus prompt chunks). 0: chosen at start-up on the
+        engine's executor, the smallest of ``budget_candidates`` whose time per token is within
+        3% of the best one's (a bigger step would only lengthen every token's wait); cached per
+        machine, model and executor (``python -m modgen.calibration``)."""
+        budget_candidates: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+        """The budgets ``token_budget=0`` chooses among."""
         max_passes: int = 0
         """How many times later prompts may be admitted past a waiting prompt whose KV does not
         fit yet (one large prompt then does not block every admission behind it). 0 keeps
@@ -37,8 +51,16 @@ class SplitFuseScheduler(Scheduler):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            if self.token_budget < 1:
-                raise ValueError(f"scheduler.token_budget must be >= 1, got {self.token_budget}")
+            if self.token_budget < 0:
+                raise ValueError(
+                    f"scheduler.token_budget must be >= 1, or 0 to measure one; "
+                    f"got {self.token_budget}"
+                )
+            if not self.budget_candidates or min(self.budget_candidates) < 1:
+                raise ValueError(
+                    "scheduler.budget_candidates must be budgets >= 1, "
+                    f"got {self.budget_candidates}"
+                )
             if self.max_passes < 0:
                 raise ValueError(f"scheduler.max_passes must be >= 0, got {self.max_passes}")
 
@@ -47,9 +69,26 @@ class SplitFuseScheduler(Scheduler):
     def __init__(self, config: Config, kv: KVAllocator) -> None:
         super().__init__(config, kv)
         self._passes: dict[int, int] = {}  # seq_id -> later arrivals admitted ahead of it
+        self.token_budget = config.token_budget or FALLBACK_BUDGET
+        """The budget in force: the configured one, or the one ``calibrate`` measured."""
+
+    def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
+        if self.config.token_budget:
+            return
+        try:
+            choice = calibration.choose_size(
+                "token budget", shape, step_seconds, sorted(self.config.budget_candidates)
+            )
+        except ValueError as err:
+            log.warning("%s; token budget %d", err, self.token_budget)
+            return
+        self.token_budget = int(choice.name)
+
+    def report(self) -> dict[str, Any]:
+        return {"token_budget": self.token_budget}
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(budget=self.config.token_budget)
+        plan = StepPlan(budget=self.token_budget)
         self.schedule_decodes(plan)
         self.schedule_continuing(plan)
         self.schedule_admissions(plan)

@@ -27,7 +27,7 @@ class PrioritySplitFuseScheduler(SplitFuseScheduler):
     it."""
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(budget=self.config.token_budget)
+        plan = StepPlan(budget=self.token_budget)
         self.schedule_decodes(plan)
         best_waiting = min(map(rank, self.waiting), default=None)
         prompts = list(self.continuing_order())
