@@ -1,5 +1,5 @@
-"""SplitFuse's token budget chosen by measurement (``token_budget=0``, the default): the rule, the
-scheduler's use of it, and the engine's synthetic steps that feed it."""
+"""SplitFuse's token budget chosen by measurement (``token_budget=0``): the rule, the scheduler's
+use of it, and the engine's synthetic steps that feed it."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_choose_size_leaves_out_sizes_that_cannot_run_and_caches_its_choice():
 
 
 def test_splitfuse_measures_its_budget_only_when_told_to(caplog):
-    sched, _ = make_scheduler("splitfuse")  # token_budget=0: measured once an engine asks
+    sched, _ = make_scheduler("splitfuse", token_budget=0)  # measured once an engine asks
     assert sched.token_budget == 512  # nothing measured yet: the fallback
     sched.calibrate(fixed_cost(1e-3), {"c": 6})
     assert sched.token_budget == 256 and sched.report() == {"token_budget": 256}
@@ -63,11 +63,11 @@ def test_splitfuse_measures_its_budget_only_when_told_to(caplog):
     fixed.calibrate(lambda n: 1 / 0, {"c": 7})  # never called
     assert fixed.token_budget == 300
 
-    few, _ = make_scheduler("splitfuse", budget_candidates=[64, 96])
+    few, _ = make_scheduler("splitfuse", token_budget=0, budget_candidates=[64, 96])
     few.calibrate(fixed_cost(0.0), {"c": 8})
     assert few.token_budget == 64
 
-    nothing_fits, _ = make_scheduler("splitfuse")
+    nothing_fits, _ = make_scheduler("splitfuse", token_budget=0)
     with caplog.at_level(logging.WARNING):
         nothing_fits.calibrate(lambda n: 1 / 0, {"c": 9})
     assert nothing_fits.token_budget == 512 and "token budget 512" in caplog.text
@@ -76,7 +76,7 @@ def test_splitfuse_measures_its_budget_only_when_told_to(caplog):
 def test_a_simulated_engine_chooses_by_its_cost_model():
     """The same rule on a simulated executor's predicted step times (virtual clock): the probe's
     steps cost real KV only while they run."""
-    engine = make_engine("splitfuse", num_blocks=20_000)
+    engine = make_engine("splitfuse", num_blocks=20_000, token_budget=0)
     probe = StepProbe(engine.executor, engine.kv, engine.clock, engine.max_model_len)
     per_token = {n: probe(n) / n for n in SIZES}
     best = min(per_token.values())
@@ -102,7 +102,8 @@ def test_a_real_engine_measures_a_budget_that_fits_and_generates_the_same_tokens
     measured; the greedy tokens do not depend on the budget SplitFuse runs."""
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     ckpt = str(checkpoints["mistral"])
-    auto = LLM("mistral", checkpoint=ckpt, overrides=["+scheduler=splitfuse"])
+    auto = LLM("mistral", checkpoint=ckpt,
+               overrides=["+scheduler=splitfuse", "scheduler.token_budget=0"])  # fmt: skip
     assert auto.engine.scheduler.token_budget in (128, 256)
     assert auto.engine.kv.num_free_blocks == auto.engine.kv.num_blocks
     small = LLM("mistral", checkpoint=ckpt, overrides=["+scheduler=splitfuse",

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 FALLBACK_BUDGET = 512
 """The budget when ``token_budget=0`` and nothing measured one (a scheduler built outside an
-engine, or no candidate fitting the model and KV cache): FastGen's order of magnitude."""
+engine, or no candidate fitting the model and KV cache): the default's."""
 
 
 @register("scheduler", "splitfuse")
@@ -36,11 +36,12 @@ class SplitFuseScheduler(Scheduler):
     class Config(SchedulerConfig):
         """Dynamic SplitFuse settings."""
 
-        token_budget: int = 0
+        token_budget: int = 512
         """Tokens per forward pass (decodes plus prompt chunks). 0: chosen at start-up on the
         engine's executor, the smallest of ``budget_candidates`` whose time per token is within
         3% of the best one's (a bigger step would only lengthen every token's wait); cached per
-        machine, model and executor (``python -m modgen.calibration``)."""
+        machine, model and executor (``python -m modgen.calibration``). Not the default: the
+        rule weighs throughput and token latency, not time to first token (docs/notes.md)."""
         budget_candidates: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
         """The budgets ``token_budget=0`` chooses among."""
         max_passes: int = 0
