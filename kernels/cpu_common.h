@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__AVX512F__)
 #define MODGEN_ISA "avx512"
@@ -61,16 +62,30 @@ inline vf vexp(vf x) {
   return y * scale;
 }
 
+// Lane i of v moved to lane i ^ S (pairs S lanes apart swapped).
+template <int S, std::size_t... I>
+inline vf swap_lanes(vf v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, static_cast<int>(I ^ S)...);
+}
+
+// Horizontal max and sum by halving (log2 W shuffles): a lane-by-lane scalar loop made each
+// reduction a W-long dependency chain, which set the pace of decode tiles' softmax.
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int j = 1; j < W; ++j) m = v[j] > m ? v[j] : m;
-  return m;
+  constexpr auto lanes = std::make_index_sequence<W>{};
+  if constexpr (W >= 16) v = v > swap_lanes<8>(v, lanes) ? v : swap_lanes<8>(v, lanes);
+  if constexpr (W >= 8) v = v > swap_lanes<4>(v, lanes) ? v : swap_lanes<4>(v, lanes);
+  v = v > swap_lanes<2>(v, lanes) ? v : swap_lanes<2>(v, lanes);
+  v = v > swap_lanes<1>(v, lanes) ? v : swap_lanes<1>(v, lanes);
+  return v[0];
 }
 
 inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int j = 0; j < W; ++j) s += v[j];
-  return s;
+  constexpr auto lanes = std::make_index_sequence<W>{};
+  if constexpr (W >= 16) v += swap_lanes<8>(v, lanes);
+  if constexpr (W >= 8) v += swap_lanes<4>(v, lanes);
+  v += swap_lanes<2>(v, lanes);
+  v += swap_lanes<1>(v, lanes);
+  return v[0];
 }
 
 }  // namespace modgen

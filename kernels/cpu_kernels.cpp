@@ -23,7 +23,9 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -42,7 +44,9 @@ namespace {
 
 // Tuning knobs (-D at build time, for experiments; cpu.py builds the defaults): keys per tile,
 // register blocks of the row-vectorised products, key tiles prefetched ahead by decode tiles,
-// the cache level they are prefetched into (0: L1, 1: L2, 2: L3).
+// the cache level they are prefetched into (0: L1, 1: L2, 2: L3), whether those prefetches are
+// spread over the products a key at a time (1) or asked for at once per tile (0), and the rows
+// that share one load of each key (GQ, below).
 #ifndef MODGEN_KT
 #define MODGEN_KT 32
 #endif
@@ -57,6 +61,12 @@ namespace {
 #endif
 #ifndef MODGEN_PFI
 #define MODGEN_PFI 1
+#endif
+#ifndef MODGEN_SPREAD
+#define MODGEN_SPREAD 1
+#endif
+#ifndef MODGEN_NEXT
+#define MODGEN_NEXT 1
 #endif
 constexpr int KT = MODGEN_KT;             // keys per tile
 constexpr int MAX_ROWS = 64;              // query rows (query x head) per tile
@@ -184,9 +194,8 @@ inline void key_tile(const Args &a, const int64_t *table, int64_t head, int64_t 
   }
 }
 
-// A prefetch the compiler keeps (GCC 12 drops __builtin_prefetch from the loop below), into L2
-// by default (MODGEN_PFI=1, prefetcht1): decode tiles ask for a whole tile at once, which fills
-// L1's miss buffers with prefetcht0; into L2 they ran 15-20% faster (docs/notes.md).
+// A prefetch the compiler keeps (GCC 12 drops __builtin_prefetch from a loop), into L2 by default
+// (MODGEN_PFI=1, prefetcht1): into L1 (prefetcht0) decode tiles ran 15-20% slower (docs/notes.md).
 inline void prefetch(const float *p) {
 #if defined(__x86_64__) && MODGEN_PFI == 0
   asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char *>(p)));
@@ -199,9 +208,9 @@ inline void prefetch(const float *p) {
 #endif
 }
 
-// Ask for a later key tile's keys and values (KV heads head .. head + nh - 1) while this one is
-// computed. Decode tiles do little arithmetic per byte and their blocks lie anywhere in memory:
-// this makes them 1.2-1.3x faster once the cache is larger than L3 (docs/notes.md).
+// Ask for a later key tile's keys and values (KV heads head .. head + nh - 1) at once, all 2 x KT
+// x nh x HEAD_DIM / 16 lines (MODGEN_SPREAD=0): the burst stalls the core until the miss
+// buffers drain, so the tile's products wait on memory instead of overlapping it.
 inline void prefetch_tile(const Args &a, const int64_t *table, int64_t head, int64_t nh,
                           int64_t p0, int64_t hi) {
   constexpr int64_t LINE = 64 / sizeof(float);
@@ -218,6 +227,21 @@ inline void prefetch_tile(const Args &a, const int64_t *table, int64_t head, int
     }
   }
 }
+
+// A later key tile's keys and values, prefetched a key at a time inside the products of this one
+// (the score loop takes the keys, the first value block the values). Decode tiles do little
+// arithmetic per byte and their blocks lie anywhere in memory; spread out, the prefetches overlap
+// the products, and decode tiles over a cache larger than L3 ran 1.3-1.4x faster than with one
+// burst a tile (22-23 GB/s, the machine's rate for reads of scattered 8 KB blocks; docs/notes.md).
+struct Ahead {
+  const float *k[KT], *v[KT];
+  int n = 0;    // keys to prefetch (0: none)
+  int len = 0;  // floats a key (every KV head of the tile)
+  void fetch(const float *p) const {
+    for (int x = 0; x < len; x += 64 / static_cast<int>(sizeof(float))) prefetch(p + x);
+  }
+};
+const Ahead no_ahead{};
 
 // A vector of HEAD_DIM's c-th W floats from src (which need not be aligned); a head dim that is
 // not a whole number of vectors is zero-padded.
@@ -237,45 +261,61 @@ inline vf load_chunk(const float *src, int c) {
 // acc[r0 .. r0 + RB)[c0 .. c0 + N) = acc * alpha + p @ v, for nk keys.
 template <int N>
 inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const int64_t *hoff,
-                      int nk) {
+                      int nk, const Ahead &pf) {
   vf acc[RB][N];
   for (int i = 0; i < RB; ++i)
     for (int c = 0; c < N; ++c) acc[i][c] = s.acc[r0 + i][c0 + c] * s.alpha[r0 + i];
   if (hoff[r0] == hoff[r0 + RB - 1]) {  // one KV head: share each value load
     for (int j = 0; j < nk; ++j) {
+      if (j < pf.n) pf.fetch(pf.v[j]);
       for (int c = 0; c < N; ++c) {
         const vf v = load_chunk(vp[j] + hoff[r0], c0 + c);
         for (int i = 0; i < RB; ++i) acc[i][c] += s.pk[r0 + i][j] * v;
       }
     }
   } else {
-    for (int j = 0; j < nk; ++j)
+    for (int j = 0; j < nk; ++j) {
+      if (j < pf.n) pf.fetch(pf.v[j]);
       for (int i = 0; i < RB; ++i)
         for (int c = 0; c < N; ++c)
           acc[i][c] += s.pk[r0 + i][j] * load_chunk(vp[j] + hoff[r0 + i], c0 + c);
+    }
   }
   for (int i = 0; i < RB; ++i)
     for (int c = 0; c < N; ++c) s.acc[r0 + i][c0 + c] = acc[i][c];
 }
 
-// Scores of one query row against a key tile, then its online-softmax update: probabilities into
+// Scores of G query rows r0 .. r0 + G - 1 that share one KV head against a key tile, one score
+// vector per W keys: each key's head-dim vectors are loaded once for the G rows (grouped-query
+// heads read the same keys), and W keys' dot products are summed by one tree per row.
+template <int G>
+inline void decode_scores(const Scratch &s, int r0, const float *const *kp, int64_t hoff,
+                          vf (*sc)[KT / W], const Ahead &pf) {
+  for (int h = 0; h < KT / W; ++h) {
+    vf t[G][W];
+    for (int j = 0; j < W; ++j) {
+      if (h * W + j < pf.n) pf.fetch(pf.k[h * W + j]);
+      const float *k = kp[h * W + j] + hoff;
+      vf kc[DC];
+      for (int c = 0; c < DC; ++c) kc[c] = load_chunk(k, c);
+      for (int i = 0; i < G; ++i) {
+        vf dot = s.qv[r0 + i][0] * kc[0];
+        for (int c = 1; c < DC; ++c) dot += s.qv[r0 + i][c] * kc[c];
+        t[i][tree_slots.slot[j]] = dot;
+      }
+    }
+    for (int i = 0; i < G; ++i) sc[i][h] = tree_sum(t[i]);
+  }
+}
+
+// Row r's online-softmax update from its scores sc against a key tile: probabilities into
 // s.pk[r], the rescale of earlier output into s.alpha[r].
-inline void decode_softmax_row(const Args &a, Scratch &s, int r, const float *const *kp,
-                               int64_t hoff, int64_t p0, int nk, bool partial) {
+inline void decode_softmax_row(const Args &a, Scratch &s, int r, vf *sc, int64_t p0, int nk,
+                               bool partial) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   constexpr int NV = KT / W;  // score vectors per tile
-  vf sc[NV], keep[NV];
-  for (int h = 0; h < NV; ++h) {
-    vf t[W];
-    for (int j = 0; j < W; ++j) {
-      const float *k = kp[h * W + j] + hoff;
-      vf dot = s.qv[r][0] * load_chunk(k, 0);
-      for (int c = 1; c < DC; ++c) dot += s.qv[r][c] * load_chunk(k, c);
-      t[tree_slots.slot[j]] = dot;
-    }
-    sc[h] = tree_sum(t);
-    keep[h] = vf{} + 1.0f;
-  }
+  vf keep[NV];
+  for (int h = 0; h < NV; ++h) keep[h] = vf{} + 1.0f;
   if (partial) {
     const int64_t qp = s.qpos[r];
     for (int j = 0; j < KT; ++j) {
@@ -286,17 +326,19 @@ inline void decode_softmax_row(const Args &a, Scratch &s, int r, const float *co
       }
     }
   }
-  float mx = hmax(sc[0]);
-  for (int h = 1; h < NV; ++h) mx = std::max(mx, hmax(sc[h]));
+  vf vmax = sc[0];
+  for (int h = 1; h < NV; ++h) vmax = sc[h] > vmax ? sc[h] : vmax;
+  const float mx = hmax(vmax);
   const float m_new = mx > s.m[r] ? mx : s.m[r];
   float alpha = 1.0f;
   if (m_new != neg_inf) {
-    float sum = 0.0f;
+    vf vsum = vf{};
     for (int h = 0; h < NV; ++h) {
       const vf pr = vexp(sc[h] - m_new) * keep[h];
       store(s.pk[r] + h * W, pr);
-      sum += hsum(pr);
+      vsum += pr;
     }
+    const float sum = hsum(vsum);
     alpha = s.m[r] == neg_inf ? 0.0f : std::exp(s.m[r] - m_new);
     s.l[r] = s.l[r] * alpha + sum;
     s.m[r] = m_new;
@@ -306,7 +348,55 @@ inline void decode_softmax_row(const Args &a, Scratch &s, int r, const float *co
   s.alpha[r] = alpha;
 }
 
-void attend_keys(const Args &a, const Item &it, Scratch &s) {
+// Rows sharing one KV head take their scores GQ at a time (GQ divides RB, so rows_pad is whole
+// groups); a group whose rows straddle two KV heads (fewer query heads per KV head than GQ)
+// takes them one row at a time. On Zen 4, four at a time made AVX-512 decode tiles 0-13%
+// faster, two at a time the AVX2 build's 3-10% (16 registers: four would spill).
+#ifndef MODGEN_GQ
+#define MODGEN_GQ (NREG >= 32 ? 4 : 2)
+#endif
+constexpr int GQ = MODGEN_GQ;
+static_assert(RB % GQ == 0, "score groups tile the padded rows");
+
+inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const float *const *kp,
+                                const int64_t *hoff, int64_t p0, int nk, bool partial,
+                                const Ahead &pf) {
+  vf sc[GQ][KT / W];
+  for (int r0 = 0; r0 < rows_pad; r0 += GQ) {
+    if (hoff[r0] == hoff[r0 + GQ - 1]) {
+      decode_scores<GQ>(s, r0, kp, hoff[r0], sc, r0 == 0 ? pf : no_ahead);
+      for (int i = 0; i < GQ; ++i) decode_softmax_row(a, s, r0 + i, sc[i], p0, nk, partial);
+    } else {
+      for (int i = 0; i < GQ; ++i) {
+        decode_scores<1>(s, r0 + i, kp, hoff[r0 + i], sc, r0 + i == 0 ? pf : no_ahead);
+        decode_softmax_row(a, s, r0 + i, sc[0], p0, nk, partial);
+      }
+    }
+  }
+}
+
+// The key positions [lo, hi) a tile's queries see (lo > 0 only under a sliding window).
+inline void key_span(const Args &a, const Item &it, int64_t *lo, int64_t *hi) {
+  const int64_t qlen = a.query_start[it.seq + 1] - a.query_start[it.seq];
+  const int64_t first = a.context_lens[it.seq] - qlen + it.q0;
+  *lo = a.window > 0 && first - a.window + 1 > 0 ? first - a.window + 1 : 0;
+  *hi = first + it.nq;
+}
+
+// Ahead for key tile `tile` (counting from 0) of item it, or none past its last.
+inline void ahead_tile(const Args &a, const Item &it, int64_t tile, Ahead *pf) {
+  int64_t lo, hi;
+  key_span(a, it, &lo, &hi);
+  const int64_t p0 = lo + tile * KT;
+  if (p0 >= hi) return;
+  pf->n = hi - p0 < KT ? static_cast<int>(hi - p0) : KT;
+  pf->len = it.nh * HEAD_DIM;
+  key_tile(a, a.block_tables + it.seq * a.max_blocks, it.head, p0, pf->n, pf->k, pf->v);
+}
+
+// A few-row tile. `next` (or null) is the tile this thread takes next: its first key tiles are
+// prefetched during this one's last, so short contexts do not start cold.
+void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
   const int64_t g = a.hq / a.hkv;
   const int64_t qlen = a.query_start[it.seq + 1] - a.query_start[it.seq];
   const int64_t ctx = a.context_lens[it.seq];
@@ -331,8 +421,8 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
     for (int c = 0; c < DC; ++c) s.acc[r][c] = vf{};
   }
   const int64_t first = s.qpos[0], last = s.qpos[rows_pad - 1];
-  const int64_t lo = a.window > 0 && first - a.window + 1 > 0 ? first - a.window + 1 : 0;
-  const int64_t hi = last + 1;
+  int64_t lo, hi;
+  key_span(a, it, &lo, &hi);
 
   const float *kp[KT];
   const float *vp[KT];
@@ -340,13 +430,28 @@ void attend_keys(const Args &a, const Item &it, Scratch &s) {
     const int nk = hi - p0 < KT ? static_cast<int>(hi - p0) : KT;
     key_tile(a, table, it.head, p0, nk, kp, vp);
     const int64_t ahead = p0 + MODGEN_PF * KT;  // prefetch a few tiles ahead of use
+    Ahead pf;  // n = 0: nothing to prefetch
+#if MODGEN_SPREAD
+    if (ahead < hi) {
+      pf.n = hi - ahead < KT ? static_cast<int>(hi - ahead) : KT;
+      pf.len = it.nh * HEAD_DIM;
+      key_tile(a, table, it.head, ahead, pf.n, pf.k, pf.v);
+    } else if (next != nullptr && MODGEN_NEXT) {
+      // the next tile's first key tiles during this one's last (its first when this is short)
+      const int64_t tiles = (hi - lo + KT - 1) / KT;
+      ahead_tile(a, *next, (p0 - lo) / KT - tiles + std::min<int64_t>(MODGEN_PF, tiles), &pf);
+    }
+#else
     if (ahead < hi) prefetch_tile(a, table, it.head, it.nh, ahead, hi);
+#endif
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
-    for (int r = 0; r < rows_pad; ++r) decode_softmax_row(a, s, r, kp, hoff[r], p0, nk, partial);
+      decode_tile_softmax(a, s, rows_pad, kp, hoff, p0, nk, partial, pf);
     for (int c0 = 0; c0 + CG <= DC; c0 += CG)
-      for (int r0 = 0; r0 < rows_pad; r0 += RB) decode_pv<CG>(s, r0, c0, vp, hoff, nk);
+      for (int r0 = 0; r0 < rows_pad; r0 += RB)
+        decode_pv<CG>(s, r0, c0, vp, hoff, nk, r0 == 0 && c0 == 0 ? pf : no_ahead);
     if constexpr (DC % CG != 0)
-      for (int r0 = 0; r0 < rows_pad; r0 += RB) decode_pv<DC % CG>(s, r0, DC - DC % CG, vp, hoff, nk);
+      for (int r0 = 0; r0 < rows_pad; r0 += RB)
+        decode_pv<DC % CG>(s, r0, DC - DC % CG, vp, hoff, nk, no_ahead);
   }
 
   for (int r = 0; r < rows; ++r) {
@@ -515,9 +620,9 @@ constexpr std::array<TileFn, sizeof...(I)> row_kernels(std::index_sequence<I...>
 }
 constexpr auto ROW_KERNELS = row_kernels(std::make_index_sequence<RV_MAX>{});
 
-void attend_tile(const Args &a, const Item &it, Scratch &s) {
+void attend_tile(const Args &a, const Item &it, const Item *next, Scratch &s) {
   const int rows = it.nq * it.nh * static_cast<int>(a.hq / a.hkv);
-  if (rows < DECODE_ROWS) return attend_keys(a, it, s);
+  if (rows < DECODE_ROWS) return attend_keys(a, it, next, s);
   ROW_KERNELS[(rows + W - 1) / W - 1](a, it, s);
 }
 
@@ -556,6 +661,7 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
     }
   }
   const int64_t n = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> taken{0};
 #pragma omp parallel
   {
     if (a.k != nullptr) {
@@ -563,8 +669,14 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
       for (int64_t t = 0; t < a.num_tokens; ++t) write_kv(a, t);
     }  // the loop's barrier: every key is in place before any tile reads it
     Scratch *s = static_cast<Scratch *>(std::aligned_alloc(64, (sizeof(Scratch) + 63) / 64 * 64));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) attend_tile(a, items[i], *s);
+    // dynamic schedule, one tile at a time, each thread taking its next tile before it starts
+    // this one (so that it can prefetch it)
+    int64_t i = taken.fetch_add(1, std::memory_order_relaxed);
+    while (i < n) {
+      const int64_t next = taken.fetch_add(1, std::memory_order_relaxed);
+      attend_tile(a, items[i], next < n ? &items[next] : nullptr, *s);
+      i = next;
+    }
     std::free(s);
   }
   return 0;
