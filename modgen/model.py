@@ -39,17 +39,21 @@ class ModelConfig:
     and keeps the faster (no compiler: torch, logged)."""
     cpu_linear: str = "auto"
     """On the CPU, how linear layers run: blas (torch's F.linear on [out, in] weights), blas_t
-    (weights stored input-major), onednn (weights packed for oneDNN's GEMM), or auto (each layer
-    shape measured on this machine; the faster is kept)."""
+    (weights stored input-major), onednn (weights packed for oneDNN's GEMM), a layout a plugin
+    registers (modgen's C++ kernels: cpp, weights packed in panels for its own GEMM), or auto
+    (each layer shape measured on this machine; the fastest is kept)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"model.dtype must be one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
         if self.cpu_linear not in ("auto", *CPU_LINEAR_LAYOUTS):
-            raise ValueError(
-                f"model.cpu_linear must be auto or one of {list(CPU_LINEAR_LAYOUTS)}, "
-                f"got {self.cpu_linear!r}"
-            )
+            from modgen.blocks.ops import linear_layouts  # plugins may register more
+
+            if self.cpu_linear not in linear_layouts():
+                raise ValueError(
+                    f"model.cpu_linear must be auto or one of {list(linear_layouts())}, "
+                    f"got {self.cpu_linear!r}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@
   (the same values stored input-major, the transpose of a contiguous [in, out] matrix) or
   ``onednn`` (the weight reordered once into oneDNN's blocked layout, run by oneDNN's GEMM).
   Which is fastest depends on the CPU (MKL's GEMM on an AMD EPYC ran at 0.3-0.8x oneDNN's here)
-  and the shape, so ``model.cpu_linear=auto`` measures each layer shape.
+  and the shape, so ``model.cpu_linear=auto`` measures each layer shape. Plugins offer more
+  (``register_linear``; modgen's C++ kernels offer ``cpp``).
 - RMSNorm with its residual add, SwiGLU and the greedy arg-max: torch's ops or a faster
   implementation a plugin registers (``register_ops``; modgen's C++ kernels are one,
   ``modgen.plugins.models.blocks.cpu_ops``); ``model.cpu_kernels``: None measures them.
@@ -185,6 +186,33 @@ def onednn_available() -> bool:
     )
 
 
+_LINEARS: dict[str, tuple[Callable[[nn.Linear], nn.Module], Callable[[], str]]] = {}
+"""Linear layouts plugins offer, by name: (factory, version of its code)."""
+
+
+def register_linear(
+    name: str, version: Callable[[], str]
+) -> Callable[[Callable[[nn.Linear], nn.Module]], Callable[[nn.Linear], nn.Module]]:
+    """Decorator: offer ``factory(linear) -> module`` (the same values, run another way) as the
+    linear layout ``name``, for ``model.cpu_linear=name`` and for ``auto``'s measurement. The
+    factory raises OpsUnavailable when it cannot run here (no compiler, another dtype);
+    ``version()`` keys its cached measurements."""
+
+    def add(factory: Callable[[nn.Linear], nn.Module]) -> Callable[[nn.Linear], nn.Module]:
+        _LINEARS[name] = (factory, version)
+        return factory
+
+    return add
+
+
+def linear_layouts() -> tuple[str, ...]:
+    """Every linear layout: the built-in ones, then those plugins registered."""
+    from modgen.registry import load_plugins
+
+    load_plugins()
+    return (*LINEAR_LAYOUTS, *_LINEARS)
+
+
 @torch.no_grad()
 def with_layout(linear: nn.Linear, layout: str) -> nn.Module:
     """``linear`` (values unchanged) run the way ``layout`` names."""
@@ -196,7 +224,9 @@ def with_layout(linear: nn.Linear, layout: str) -> nn.Module:
         return linear
     if layout == "onednn":
         return OneDNNLinear(linear)
-    raise ValueError(f"unknown linear layout {layout!r}; layouts: {LINEAR_LAYOUTS}")
+    if layout in _LINEARS or layout in linear_layouts():
+        return _LINEARS[layout][0](linear)
+    raise ValueError(f"unknown linear layout {layout!r}; layouts: {list(linear_layouts())}")
 
 
 def choose_layout(
@@ -204,27 +234,39 @@ def choose_layout(
     rows: tuple[int, ...],
 ) -> str:  # fmt: skip
     """The layout for a CPU linear layer of this shape: ``setting`` unless it is ``auto``, else
-    the fastest of the available layouts over calls of ``rows`` rows each."""
+    the fastest of the available layouts over calls of ``rows`` rows each, each row count
+    weighted alike (as many calls of the fewer rows as make up the most: decode steps' small
+    products count as much as prompt chunks' large ones).
+
+    Each candidate runs on enough copies of the weight (up to 8, about 64 MB) that they are not
+    all in cache, as in a model, where the other layers' weights run between two calls of one:
+    the layouts' order changed with that at decode steps' row counts."""
     if setting != "auto":
         if setting == "onednn" and not onednn_available():
             raise ValueError("model.cpu_linear=onednn: this torch has no oneDNN linear ops")
         return setting
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    copies = max(1, min(8, (64 << 20) // max(1, base.weight.nbytes)))
     xs = [torch.randn(m, in_features, generator=gen).to(dtype) for m in rows]
-    layouts = [x for x in LINEAR_LAYOUTS if x != "onednn" or onednn_available()]
+    xs = [x for x in xs for _ in range(-(-max(rows) // x.shape[0]))]
+    layouts = [x for x in linear_layouts() if x != "onednn" or onednn_available()]
     runs = {}
     for layout in layouts:
         try:
-            module = with_layout(_copy(base), layout)
-        except RuntimeError as err:  # e.g. oneDNN has no fp16 path on this CPU
+            modules = [with_layout(_copy(base), layout) for _ in range(copies)]
+        except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
             log.info("model.cpu_linear: %s cannot run here: %s", layout, err)
             continue
-        runs[layout] = (lambda m: lambda: [m(x) for x in xs])(module)
+        runs[layout] = (lambda ms: lambda: [m(x) for m in ms for x in xs])(modules)
     shape = {"in": in_features, "out": out_features, "bias": bias,
              "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
+    # the protocol (cold copies, rows weighted alike) and the plugins' code key the cache
+    version = "+".join(
+        ["v2", *(f"{name}:{_LINEARS[name][1]()}" for name in runs if name in _LINEARS)]
+    )
     with torch.inference_mode():
-        return calibration.choose("linear", shape, runs, "blas").name
+        return calibration.choose("linear", shape, runs, "blas", version).name
 
 
 def _copy(linear: nn.Linear) -> nn.Linear:
