@@ -35,6 +35,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 OPS_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 COMMON = Path(__file__).with_name("cpu_common.h")
+LINEAR = Path(__file__).with_name("cpu_linear.h")
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-std=c++17"]
 ISA_FLAGS = {
     "avx512": ["-march=native"],
@@ -119,7 +120,7 @@ def _build(source: Path, cxx: str, flags: list[str], link: list[str], lib_path: 
 @cache
 def source_hash() -> str:
     """A short hash of the kernel sources (names the code a calibration measured)."""
-    sources = b"".join(p.read_bytes() for p in (SOURCE, OPS_SOURCE, COMMON))
+    sources = b"".join(p.read_bytes() for p in (SOURCE, OPS_SOURCE, COMMON, LINEAR))
     return hashlib.sha256(sources).hexdigest()[:16]
 
 
@@ -228,6 +229,22 @@ def rms_norm(
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a packed ``[rows, 2 * inter]`` projection, in one pass."""
     return ops().silu_mul(gate_up)
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 ``[out, in]`` linear weight packed once for ``linear``: ``[panels, in, NP]``,
+    panels of NP (two vectors of this build) output columns, zero past ``out``."""
+    return ops().pack_linear(weight.contiguous())
+
+
+def linear(
+    x: torch.Tensor,  # [rows, in] float32, contiguous
+    packed: torch.Tensor,  # from pack_linear
+    out_features: int,
+    bias: torch.Tensor | None = None,  # [out]
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on the weight ``pack_linear`` packed: [rows, out]."""
+    return ops().linear(x, packed, out_features, bias)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 // modgen's CPU kernels as torch operators (torch.ops.modgen.*), float32: RMSNorm with its
 // residual add, SwiGLU's silu(gate) * up and the greedy arg-max (each one pass over memory
-// instead of torch's several), and paged attention, which checks its tensors here and runs the
-// kernel build for their head dim (cpu_kernels.cpp, registered by modgen/kernels/cpu.py).
+// instead of torch's several), a linear layer on a weight packed once (cpu_linear.h), and paged
+// attention, which checks its tensors here and runs the kernel build for their head dim
+// (cpu_kernels.cpp, registered by modgen/kernels/cpu.py).
 //
 // Built once per instruction set (the widest the machine runs) against torch's headers, linked
 // against torch's OpenMP runtime: one thread pool, sized by torch.set_num_threads. Rows run in
@@ -22,6 +23,7 @@
 #include <utility>
 
 #include "cpu_common.h"
+#include "cpu_linear.h"
 
 namespace {
 
@@ -139,6 +141,38 @@ at::Tensor argmax(const at::Tensor &x) {
   return out;
 }
 
+// ---- linear layers on packed panels (cpu_linear.h) ----------------------------------------
+
+// w [n, k] packed into [ceil(n / NP), k, NP] panels.
+at::Tensor pack_linear(const at::Tensor &w) {
+  check_plain("weight", w, 2);
+  const int64_t n = w.size(0), k = w.size(1);
+  at::Tensor out = at::empty({(n + modgen::NP - 1) / modgen::NP, k, modgen::NP}, w.options());
+  modgen::pack_panels(w.data_ptr<float>(), n, k, out.data_ptr<float>());
+  return out;
+}
+
+// x [m, k] @ W^T (+ bias) -> [m, n] with W packed by pack_linear.
+at::Tensor linear(const at::Tensor &x, const at::Tensor &packed, int64_t n,
+                  const std::optional<at::Tensor> &bias) {
+  check_plain("x", x, 2);
+  check_plain("packed weight", packed, 3);
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK_VALUE(packed.size(1) == k && packed.size(2) == modgen::NP &&
+                        packed.size(0) == (n + modgen::NP - 1) / modgen::NP,
+                    "x has ", k, " columns; the packed weight ", packed.sizes(), " is not ", n,
+                    " outputs of ", k, " in panels of ", modgen::NP);
+  if (bias.has_value()) {
+    check_plain("bias", *bias, 1);
+    TORCH_CHECK_VALUE(bias->size(0) == n, "bias has ", bias->size(0), " values for ", n,
+                      " outputs");
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  modgen::linear_panels(x.data_ptr<float>(), m, k, packed.data_ptr<float>(), n,
+                        bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
+
 // ---- paged attention: the kernel builds, by instruction set and head dim ------------------
 
 using AttentionFn = int (*)(const ModgenAttentionCall *);
@@ -240,6 +274,8 @@ TORCH_LIBRARY(modgen, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
+  m.def("pack_linear(Tensor weight) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("register_attention(str isa, int head_dim, int address) -> ()", &register_attention);
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start, "
@@ -252,5 +288,7 @@ TORCH_LIBRARY_IMPL(modgen, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("argmax", &argmax);
+  m.impl("pack_linear", &pack_linear);
+  m.impl("linear", &linear);
   m.impl("paged_attention", &paged_attention);
 }

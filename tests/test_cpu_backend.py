@@ -326,7 +326,20 @@ def test_each_backend_matches_transformers(
         torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["blas", "blas_t", "onednn"])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_the_cpp_linear_layout_matches_transformers(kind, checkpoints, prompts, hf_reference):
+    """modgen's own GEMM (every linear layer, the LM head too) against the oracle."""
+    overrides = [*SCHEDULES[1], *KERNELS[:2], "model.cpu_linear=cpp"]
+    llm = LLM(kind, checkpoint=str(checkpoints[kind]), overrides=overrides)
+    assert type(llm.engine.executor.model.lm_head).__name__ == "CppLinear"
+    logits = capture_first_logits(llm)
+    outs = llm.generate(prompts, GREEDY)
+    for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
+        assert out.token_ids == ref_tokens, f"prompt {i} (len {len(prompts[i])}) diverged"
+        torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["blas", "blas_t", "onednn", "cpp"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_each_linear_layout_computes_what_f_linear_does(layout, bias):
     gen = torch.Generator().manual_seed(6)
@@ -340,6 +353,31 @@ def test_each_linear_layout_computes_what_f_linear_does(layout, bias):
     torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-4)
     if layout == "blas_t":
         assert module.weight.stride() == (1, 80)  # [out, in] values, stored input-major
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n"), [(1, 5, 13), (9, 37, 100), (64, 512, 768), (17, 64, 96)]
+)
+def test_packed_linear_kernel_matches_f_linear_at_any_shape(rows, k, n):
+    """Row counts around the register block, widths that are not whole panels, any depth."""
+    gen = torch.Generator().manual_seed(rows + k + n)
+    w, b, x = (torch.randn(*s, generator=gen) for s in ((n, k), (n,), (rows, k)))
+    packed = cpu.pack_linear(w)
+    assert packed.shape[0] * packed.shape[2] >= n and packed.shape[1] == k
+    for bias in (None, b):
+        want = torch.nn.functional.linear(x, w, bias)
+        torch.testing.assert_close(cpu.linear(x, packed, n, bias), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="columns; the packed weight"):
+        cpu.linear(torch.randn(rows, k + 1), packed, n, None)
+
+
+def test_a_plugin_linear_layout_is_offered_and_forced(checkpoints):
+    assert "cpp" in ops.linear_layouts()
+    model = LLM(
+        "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=cpp"]
+    ).engine.executor.model
+    assert type(model.layers[0].attn.qkv).__name__ == "CppLinear"
+    assert type(model.lm_head).__name__ == "CppLinear"
 
 
 def test_forced_linear_layouts_and_a_tied_head(checkpoints):

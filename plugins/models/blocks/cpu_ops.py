@@ -1,9 +1,13 @@
-"""The element-wise ops through modgen's C++ kernels (``modgen.kernels.cpu``), offered to the
-model's measured choice of ops (``modgen.blocks.ops.choose_ops``) as ``cpp``."""
+"""The element-wise ops and linear layers through modgen's C++ kernels (``modgen.kernels.cpu``),
+offered to the model's measured choices (``modgen.blocks.ops.choose_ops`` and
+``choose_layout``) as ``cpp``."""
 
 from __future__ import annotations
 
-from modgen.blocks.ops import OpsUnavailable, TorchOps, register_ops
+import torch
+from torch import nn
+
+from modgen.blocks.ops import OpsUnavailable, TorchOps, register_linear, register_ops
 from modgen.kernels import cpu as cpu_kernels
 
 
@@ -32,3 +36,28 @@ class CppOps(TorchOps):
         if not logits.is_contiguous():
             return logits.argmax(dim=-1)
         return cpu_kernels.argmax(logits)
+
+
+@register_linear("cpp", version=cpu_kernels.source_hash)
+class CppLinear(nn.Module):
+    """A float32 CPU linear layer whose weight is packed once into panels for the C++ GEMM
+    (``kernels/cpu_linear.h``): one thread a run of panels, the next panel prefetched while one
+    computes, which keeps decode steps' few rows from waiting on the weights."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise OpsUnavailable(f"float32 on the CPU only, not {weight.dtype} on {weight.device}")
+        try:
+            cpu_kernels.ops()
+        except cpu_kernels.KernelBuildError as err:
+            raise OpsUnavailable(str(err)) from err
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = cpu_kernels.pack_linear(weight)  # a plain attribute, as OneDNNLinear's
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
+        return cpu_kernels.linear(x.contiguous(), self.packed, self.out_features, self.bias)
