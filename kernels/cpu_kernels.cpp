@@ -39,6 +39,7 @@
 #endif
 
 #include "cpu_common.h"
+#include "cpu_linear.h"  // exported below too, so each instruction set's build can be tested
 
 namespace {
 
@@ -635,6 +636,17 @@ int modgen_head_dim() { return HEAD_DIM; }
 // The instruction set this library was compiled for, and its vector width in floats.
 const char *modgen_isa() { return MODGEN_ISA; }
 int modgen_vector_width() { return W; }
+
+// cpu_linear.h's GEMM in this build's instruction set (the torch operators use the widest):
+// output columns a panel, packing, and y = x @ W^T + bias (bias may be null).
+int modgen_linear_panel_width() { return modgen::NP; }
+void modgen_pack_linear_f32(const float *w, int64_t n, int64_t k, float *dst) {
+  modgen::pack_panels(w, n, k, dst);
+}
+void modgen_linear_f32(const float *x, int64_t m, int64_t k, const float *packed, int64_t n,
+                       const float *bias, float *y) {
+  modgen::linear_panels(x, m, k, packed, n, bias, y);
+}
 
 // Writes this step's K/V (when call->k is set), then attends. Returns 0, or 1 when the head
 // grouping does not fit a tile (hq / hkv > MAX_ROWS).

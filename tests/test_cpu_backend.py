@@ -4,6 +4,7 @@ cannot run, and the default picks it where it can and falls back where it cannot
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import pytest
@@ -369,6 +370,30 @@ def test_packed_linear_kernel_matches_f_linear_at_any_shape(rows, k, n):
         torch.testing.assert_close(cpu.linear(x, packed, n, bias), want, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="columns; the packed weight"):
         cpu.linear(torch.randn(rows, k + 1), packed, n, None)
+
+
+@pytest.mark.parametrize("isa", cpu.machine_isas())
+def test_packed_linear_kernel_in_each_instruction_set(isa):
+    """Each build's GEMM (AVX-512: panels of 32 columns, rows 8 at a time; AVX2: 16 and 6; SSE
+    or NEON: 8 and 6) against F.linear, through the build's C entry points."""
+    lib = cpu.load(64, isa)
+    width = lib.modgen_linear_panel_width()
+    assert width == 2 * {"avx512": 16, "avx2": 8}.get(isa, 4)
+    gen = torch.Generator().manual_seed(3)
+    for rows, k, n in [(1, 7, 5), (13, 40, 70), (64, 96, 3 * width)]:
+        w, b, x = (torch.randn(*s, generator=gen) for s in ((n, k), (n,), (rows, k)))
+        packed = torch.empty(-(-n // width), k, width)
+        lib.modgen_pack_linear_f32(*_ptrs(w), ctypes.c_int64(n), ctypes.c_int64(k), *_ptrs(packed))
+        for bias in (None, b):
+            y = torch.empty(rows, n)
+            args = (ctypes.c_int64(rows), ctypes.c_int64(k), *_ptrs(packed), ctypes.c_int64(n))
+            lib.modgen_linear_f32(*_ptrs(x), *args, *_ptrs(bias), *_ptrs(y))
+            want = torch.nn.functional.linear(x, w, bias)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+
+
+def _ptrs(*tensors):
+    return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
 
 
 def test_a_plugin_linear_layout_is_offered_and_forced(checkpoints):
