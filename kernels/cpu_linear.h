@@ -7,7 +7,10 @@
 // a panel's first rows run, the next panel is prefetched a few lines a step, so its weights
 // arrive while this one computes. On the Zen 4 of docs/notes.md, with the weights out of cache as
 // they are in a model (other layers' weights run between two uses), this ran 1.1-1.3x oneDNN's
-// rate at 32-64 rows and 1.5-3x at 8-16 (decode steps); about even at 512.
+// rate at 32-64 rows and 1.5-3x at 8-16 (decode steps); about even at 512. Knobs for
+// experiments (-D at build time): MODGEN_NPV vectors a panel, MODGEN_MR rows a register block,
+// MODGEN_MC rows a pass over the panels (three vectors a panel, 12-row blocks and 64-256-row
+// passes were within the machine's noise of the defaults).
 
 #pragma once
 
@@ -20,8 +23,18 @@
 
 namespace modgen {
 
-constexpr int NP = 2 * W;                // output columns a panel
-constexpr int MR = NREG >= 32 ? 8 : 6;  // rows a register block: MR x 2 accumulators + 3 more
+#ifndef MODGEN_MC
+#define MODGEN_MC (1 << 30)
+#endif
+#ifndef MODGEN_NPV
+#define MODGEN_NPV 2
+#endif
+#ifndef MODGEN_MR
+#define MODGEN_MR (NREG >= 32 ? 8 : 6)
+#endif
+constexpr int NPV = MODGEN_NPV;          // vectors a panel
+constexpr int NP = NPV * W;              // output columns a panel
+constexpr int MR = MODGEN_MR;            // rows a register block: MR x NPV accumulators + NPV + 1
 
 // dst [ceil(n / NP)][k][NP] from w [n][k] (row-major, PyTorch's Linear layout); columns past n
 // are zero.
@@ -43,28 +56,27 @@ inline void pack_panels(const float *w, int64_t n, int64_t k, float *dst) {
 template <int R>
 inline void panel_rows(const float *x, int64_t k, const float *panel, float *y, int64_t ldy,
                        int cols, const float *ahead, int64_t lines) {
-  vf acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
+  vf acc[R][NPV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NPV; ++v) acc[r][v] = vf{};
   const int64_t per_step = ahead != nullptr ? (lines + k - 1) / k : 0;
   int64_t line = 0;
   for (int64_t kk = 0; kk < k; ++kk) {
     for (int64_t i = 0; i < per_step && line < lines; ++i, ++line)
       __builtin_prefetch(ahead + line * (64 / sizeof(float)), 0, 2);
-    const vf w0 = load(panel + kk * NP), w1 = load(panel + kk * NP + W);
+    vf wv[NPV];
+    for (int v = 0; v < NPV; ++v) wv[v] = load(panel + kk * NP + v * W);
     for (int r = 0; r < R; ++r) {
       const float xs = x[r * k + kk];  // broadcast (vf{} + xs would add a zero vector: -0.0)
-      acc[r][0] += xs * w0;
-      acc[r][1] += xs * w1;
+      for (int v = 0; v < NPV; ++v) acc[r][v] += xs * wv[v];
     }
   }
   for (int r = 0; r < R; ++r) {
     if (cols == NP) {
-      store(y + r * ldy, acc[r][0]);
-      store(y + r * ldy + W, acc[r][1]);
+      for (int v = 0; v < NPV; ++v) store(y + r * ldy + v * W, acc[r][v]);
     } else {  // the last panel of a width that is not a whole number of panels
       float tmp[NP];
-      store(tmp, acc[r][0]);
-      store(tmp + W, acc[r][1]);
+      for (int v = 0; v < NPV; ++v) store(tmp + v * W, acc[r][v]);
       std::memcpy(y + r * ldy, tmp, cols * sizeof(float));
     }
   }
@@ -87,18 +99,21 @@ inline void linear_panels(const float *x, int64_t m, int64_t k, const float *pac
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float *panel = packed + p * k * NP;
-      const float *ahead = p + 1 < p1 ? panel + k * NP : nullptr;
-      const int cols = n - p * NP < NP ? static_cast<int>(n - p * NP) : NP;
-      for (int64_t r0 = 0; r0 < m; r0 += MR) {
-        const int rows = m - r0 < MR ? static_cast<int>(m - r0) : MR;
-        panel_block<MR>(rows, x + r0 * k, k, panel, y + r0 * n + p * NP, n, cols,
-                        r0 == 0 ? ahead : nullptr, lines);
+    for (int64_t m0 = 0; m0 < m; m0 += MODGEN_MC) {
+      const int64_t m1 = m - m0 < MODGEN_MC ? m : m0 + MODGEN_MC;
+      for (int64_t p = p0; p < p1; ++p) {
+        const float *panel = packed + p * k * NP;
+        const float *ahead = p + 1 < p1 ? panel + k * NP : nullptr;
+        const int cols = n - p * NP < NP ? static_cast<int>(n - p * NP) : NP;
+        for (int64_t r0 = m0; r0 < m1; r0 += MR) {
+          const int rows = m1 - r0 < MR ? static_cast<int>(m1 - r0) : MR;
+          panel_block<MR>(rows, x + r0 * k, k, panel, y + r0 * n + p * NP, n, cols,
+                          r0 == m0 ? ahead : nullptr, lines);
+        }
+        if (bias != nullptr)
+          for (int64_t r = m0; r < m1; ++r)
+            for (int c = 0; c < cols; ++c) y[r * n + p * NP + c] += bias[p * NP + c];
       }
-      if (bias != nullptr)
-        for (int64_t r = 0; r < m; ++r)
-          for (int c = 0; c < cols; ++c) y[r * n + p * NP + c] += bias[p * NP + c];
     }
   }
 }
