@@ -259,6 +259,14 @@ inline vf load_chunk(const float *src, int c) {
 
 // ---- decode path: few query rows, dot products over the head dim --------------------------
 
+// Whether rows r0 .. r0 + n - 1 all read one KV head (merged heads can interleave them: with
+// one query head a KV head and three heads, rows 0 .. 3 read heads 0, 1, 2, 0).
+inline bool one_head(const int64_t *hoff, int r0, int n) {
+  for (int i = 1; i < n; ++i)
+    if (hoff[r0 + i] != hoff[r0]) return false;
+  return true;
+}
+
 // acc[r0 .. r0 + RB)[c0 .. c0 + N) = acc * alpha + p @ v, for nk keys.
 template <int N>
 inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const int64_t *hoff,
@@ -266,7 +274,7 @@ inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const 
   vf acc[RB][N];
   for (int i = 0; i < RB; ++i)
     for (int c = 0; c < N; ++c) acc[i][c] = s.acc[r0 + i][c0 + c] * s.alpha[r0 + i];
-  if (hoff[r0] == hoff[r0 + RB - 1]) {  // one KV head: share each value load
+  if (one_head(hoff, r0, RB)) {  // one KV head: share each value load
     for (int j = 0; j < nk; ++j) {
       if (j < pf.n) pf.fetch(pf.v[j]);
       for (int c = 0; c < N; ++c) {
@@ -282,6 +290,7 @@ inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const 
           acc[i][c] += s.pk[r0 + i][j] * load_chunk(vp[j] + hoff[r0 + i], c0 + c);
     }
   }
+  for (int j = nk; j < pf.n; ++j) pf.fetch(pf.v[j]);  // this tile is short: the rest
   for (int i = 0; i < RB; ++i)
     for (int c = 0; c < N; ++c) s.acc[r0 + i][c0 + c] = acc[i][c];
 }
@@ -364,7 +373,7 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
                                 const Ahead &pf) {
   vf sc[GQ][KT / W];
   for (int r0 = 0; r0 < rows_pad; r0 += GQ) {
-    if (hoff[r0] == hoff[r0 + GQ - 1]) {
+    if (one_head(hoff, r0, GQ)) {
       decode_scores<GQ>(s, r0, kp, hoff[r0], sc, r0 == 0 ? pf : no_ahead);
       for (int i = 0; i < GQ; ++i) decode_softmax_row(a, s, r0 + i, sc[i], p0, nk, partial);
     } else {

@@ -59,7 +59,7 @@ inline void panel_rows(const float *x, int64_t k, const float *panel, float *y, 
   vf acc[R][NPV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NPV; ++v) acc[r][v] = vf{};
-  const int64_t per_step = ahead != nullptr ? (lines + k - 1) / k : 0;
+  const int64_t per_step = ahead != nullptr && k > 0 ? (lines + k - 1) / k : 0;
   int64_t line = 0;
   for (int64_t kk = 0; kk < k; ++kk) {
     for (int64_t i = 0; i < per_step && line < lines; ++i, ++line)

@@ -42,7 +42,9 @@ LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV 
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16])
-@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 16), (8, 2, 64), (6, 6, 40), (16, 1, 32)])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d"), [(4, 2, 16), (8, 2, 64), (6, 6, 40), (16, 1, 32), (3, 3, 24)]
+)
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("lens", LENS)
 @pytest.mark.parametrize("isa", cpu.machine_isas())
