@@ -16,6 +16,7 @@ so the figures that decided it are logged and cached per machine and shape.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -238,16 +239,17 @@ def choose_layout(
     weighted alike (as many calls of the fewer rows as make up the most: decode steps' small
     products count as much as prompt chunks' large ones).
 
-    Each candidate runs on enough copies of the weight (up to 8, about 64 MB) that they are not
-    all in cache, as in a model, where the other layers' weights run between two calls of one:
-    the layouts' order changed with that at decode steps' row counts."""
+    Each call takes the next of enough copies of the weight (about 64 MB of them, at most 64)
+    that none is still in cache from its last call, as in a model, where the other layers'
+    weights run between two calls of one: the layouts' order changed with that at decode steps'
+    row counts."""
     if setting != "auto":
         if setting == "onednn" and not onednn_available():
             raise ValueError("model.cpu_linear=onednn: this torch has no oneDNN linear ops")
         return setting
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
-    copies = max(1, min(8, (64 << 20) // max(1, base.weight.nbytes)))
+    copies = max(1, min(64, -(-(64 << 20) // max(1, base.weight.nbytes))))
     xs = [torch.randn(m, in_features, generator=gen).to(dtype) for m in rows]
     xs = [x for x in xs for _ in range(-(-max(rows) // x.shape[0]))]
     layouts = [x for x in linear_layouts() if x != "onednn" or onednn_available()]
@@ -258,7 +260,7 @@ def choose_layout(
         except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
             log.info("model.cpu_linear: %s cannot run here: %s", layout, err)
             continue
-        runs[layout] = (lambda ms: lambda: [m(x) for m in ms for x in xs])(modules)
+        runs[layout] = _rotating(modules, xs)
     shape = {"in": in_features, "out": out_features, "bias": bias,
              "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
     # the protocol (cold copies, rows weighted alike) and the plugins' code key the cache
@@ -267,6 +269,12 @@ def choose_layout(
     )
     with torch.inference_mode():
         return calibration.choose("linear", shape, runs, "blas", version).name
+
+
+def _rotating(modules: list[nn.Module], xs: list[torch.Tensor]) -> Callable[[], list[Any]]:
+    """A run of one call per input, each on the next module in turn (round and round)."""
+    turn = itertools.cycle(modules)
+    return lambda: [next(turn)(x) for x in xs]
 
 
 def _copy(linear: nn.Linear) -> nn.Linear:
