@@ -265,7 +265,7 @@ def choose_layout(
              "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
     # the protocol (cold copies, rows weighted alike) and the plugins' code key the cache
     version = "+".join(
-        ["v2", *(f"{name}:{_LINEARS[name][1]()}" for name in runs if name in _LINEARS)]
+        ["v3", *(f"{name}:{_LINEARS[name][1]()}" for name in runs if name in _LINEARS)]
     )
     with torch.inference_mode():
         return calibration.choose("linear", shape, runs, "blas", version).name
