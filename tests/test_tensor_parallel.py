@@ -95,10 +95,12 @@ class Alone(Parallel):
         return (("torch", "torch"), {})
 
 
+PLAIN_LAYERS = ["model.cpu_kernels=false", "model.cpu_linear=blas"]  # weights as parameters
+
+
 def shard(kind: str, path: Path, rank: int):
     """Rank ``rank`` of two's model, built in this process (building and loading need no peer)."""
-    plain = ["model.cpu_kernels=false", "model.cpu_linear=blas"]
-    node = compose_config([f"model={kind}", f"model.checkpoint={path}", *plain]).model
+    node = compose_config([f"model={kind}", f"model.checkpoint={path}", *PLAIN_LAYERS]).model
     return build("model", node, device=torch.device("cpu"), parallel=Alone(rank=rank, world=2))
 
 
@@ -108,8 +110,7 @@ def test_each_rank_holds_only_its_shard(kind, zoo):
     fused q/k/v and gate/up cut part by part), the output and down projections by rows, the
     vocabulary by rows, whole experts; norms and routers replicated."""
     path = zoo.path(kind)
-    plain = ["model.cpu_kernels=false", "model.cpu_linear=blas"]  # weights as parameters
-    full = LLM(kind, checkpoint=str(path), overrides=plain).engine.executor.model
+    full = LLM(kind, checkpoint=str(path), overrides=PLAIN_LAYERS).engine.executor.model
     whole = {n: p.detach() for n, p in full.named_parameters()}
     sizes = [0, 0]
     for rank in (0, 1):

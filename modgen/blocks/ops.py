@@ -225,7 +225,8 @@ def with_layout(linear: nn.Linear, layout: str) -> nn.Module:
         return linear
     if layout == "onednn":
         return OneDNNLinear(linear)
-    if layout in _LINEARS or layout in linear_layouts():
+    linear_layouts()  # plugins register theirs on import
+    if layout in _LINEARS:
         return _LINEARS[layout][0](linear)
     raise ValueError(f"unknown linear layout {layout!r}; layouts: {list(linear_layouts())}")
 
