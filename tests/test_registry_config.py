@@ -73,7 +73,8 @@ def test_compose_every_option_of_every_group(kind, option):
         assert isinstance(registry.build(kind, config, SPEC), cls)
     elif kind == "executor":
         kv = registry.build("kv_allocator", {"name": "blocked"}, 64)
-        node = {"name": "mistral", "num_hidden_layers": 1}
+        # the small preset's shape, one layer (the schema's defaults are Mistral-7B's)
+        node = {**compose_config(["model=mistral"]).model, "num_hidden_layers": 1}
         ctx = ExecutorContext(spec=describe_model(node), kv=kv, model=node,
                               attention={"name": "torch"}, cost_model=COST,
                               device=torch.device("cpu"))  # fmt: skip
