@@ -16,9 +16,10 @@ so the figures that decided it are logged and cached per machine and shape.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -256,12 +257,13 @@ def choose_layout(
     layouts = [x for x in linear_layouts() if x != "onednn" or onednn_available()]
     runs = {}
     for layout in layouts:
-        try:
-            modules = [with_layout(_copy(base), layout) for _ in range(copies)]
+        try:  # one copy now (can it run here?); the rest only if the cache has no answer
+            first = with_layout(_copy(base), layout)
         except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
             log.info("model.cpu_linear: %s cannot run here: %s", layout, err)
             continue
-        runs[layout] = _rotating(modules, xs)
+        more = functools.partial(_layout_copies, base, layout, copies - 1)
+        runs[layout] = _rotating(first, more, xs)
     shape = {"in": in_features, "out": out_features, "bias": bias,
              "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
     # the protocol (cold copies, rows weighted alike) and the plugins' code key the cache
@@ -272,13 +274,29 @@ def choose_layout(
         return calibration.choose("linear", shape, runs, "blas", version).name
 
 
-def _rotating(modules: list[nn.Module], xs: list[torch.Tensor]) -> Callable[[], list[Any]]:
-    """A run of one call per input, each on the next module in turn (round and round)."""
-    turn = itertools.cycle(modules)
-    return lambda: [next(turn)(x) for x in xs]
+def _layout_copies(base: nn.Linear, layout: str, n: int) -> list[nn.Module]:
+    return [with_layout(_copy(base), layout) for _ in range(n)]
+
+
+def _rotating(
+    first: nn.Module, more: Callable[[], list[nn.Module]], xs: list[torch.Tensor]
+) -> Callable[[], list[Any]]:
+    """A run of one call per input, each on the next module in turn (round and round): ``first``
+    and the modules ``more()`` makes at the first run."""
+    turn: list[Iterator[nn.Module]] = []
+
+    def run() -> list[Any]:
+        if not turn:
+            turn.append(itertools.cycle([first, *more()]))
+        return [next(turn[0])(x) for x in xs]
+
+    return run
 
 
 def _copy(linear: nn.Linear) -> nn.Linear:
-    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    new.load_state_dict(linear.state_dict())
-    return new.to(linear.weight.dtype)
+    """A copy of ``linear`` in memory of its own (no initialisation of weights it overwrites)."""
+    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device="meta", dtype=linear.weight.dtype)  # fmt: skip
+    state = {name: t.detach().clone() for name, t in linear.state_dict().items()}
+    new.load_state_dict(state, assign=True)
+    return new
