@@ -79,6 +79,8 @@ PREFIX_MODGEN = {"splitfuse": [], "splitfuse-prefix": ["kv_allocator=prefix"]}
 MODGEN = {  # modgen's configurations: its default (SplitFuse, token budget 512), and others
     "splitfuse": ["+scheduler=splitfuse"],
     "splitfuse-256": ["+scheduler=splitfuse", "scheduler.token_budget=256"],
+    # steps short enough for a tight inter-token latency, at the cost of time to first token
+    "splitfuse-64": ["+scheduler=splitfuse", "scheduler.token_budget=64"],
     "continuous": ["+scheduler=continuous"],
 }
 PORT = 8765
