@@ -398,6 +398,22 @@ def _ptrs(*tensors):
     return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
 
 
+def test_linear_calibration_times_cold_copies_and_makes_none_once_cached(monkeypatch, tmp_path):
+    """The first choice times each layout over many copies of the weight (out of cache, as in
+    a model); a cached choice builds only the one copy per layout that checks it runs here."""
+    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
+    made = []
+    real = ops._layout_copies
+    monkeypatch.setattr(ops, "_layout_copies", lambda *a: made.append(a[1:]) or real(*a))
+    first = ops.choose_layout("auto", 64, 96, False, torch.float32, (2, 8))
+    assert first in ops.linear_layouts()
+    copies = {layout: n for layout, n in made}
+    assert set(copies) >= {"blas", "cpp"} and all(n == 63 for n in copies.values())  # 64 in all
+    made.clear()
+    assert ops.choose_layout("auto", 64, 96, False, torch.float32, (2, 8)) == first
+    assert made == []
+
+
 def test_a_plugin_linear_layout_is_offered_and_forced(checkpoints):
     assert "cpp" in ops.linear_layouts()
     model = LLM(
