@@ -4,7 +4,6 @@ cannot run, and the default picks it where it can and falls back where it cannot
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import pytest
@@ -340,102 +339,6 @@ def test_the_cpp_linear_layout_matches_transformers(kind, checkpoints, prompts, 
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
         assert out.token_ids == ref_tokens, f"prompt {i} (len {len(prompts[i])}) diverged"
         torch.testing.assert_close(logits[out.request_id], ref_logits, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("layout", ["blas", "blas_t", "onednn", "cpp"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_each_linear_layout_computes_what_f_linear_does(layout, bias):
-    gen = torch.Generator().manual_seed(6)
-    lin = torch.nn.Linear(48, 80, bias=bias)
-    with torch.no_grad():
-        for p in lin.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    x = torch.randn(2, 5, 48, generator=gen)
-    want = torch.nn.functional.linear(x, lin.weight.clone(), None if lin.bias is None else lin.bias)
-    module = ops.with_layout(lin, layout)
-    torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-4)
-    if layout == "blas_t":
-        assert module.weight.stride() == (1, 80)  # [out, in] values, stored input-major
-
-
-@pytest.mark.parametrize(
-    ("rows", "k", "n"), [(1, 5, 13), (9, 37, 100), (64, 512, 768), (17, 64, 96)]
-)
-def test_packed_linear_kernel_matches_f_linear_at_any_shape(rows, k, n):
-    """Row counts around the register block, widths that are not whole panels, any depth."""
-    gen = torch.Generator().manual_seed(rows + k + n)
-    w, b, x = (torch.randn(*s, generator=gen) for s in ((n, k), (n,), (rows, k)))
-    packed = cpu.pack_linear(w)
-    assert packed.shape[0] * packed.shape[2] >= n and packed.shape[1] == k
-    for bias in (None, b):
-        want = torch.nn.functional.linear(x, w, bias)
-        torch.testing.assert_close(cpu.linear(x, packed, n, bias), want, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="columns; the packed weight"):
-        cpu.linear(torch.randn(rows, k + 1), packed, n, None)
-
-
-@pytest.mark.parametrize("isa", cpu.machine_isas())
-def test_packed_linear_kernel_in_each_instruction_set(isa):
-    """Each build's GEMM (AVX-512: panels of 32 columns, rows 8 at a time; AVX2: 16 and 6; SSE
-    or NEON: 8 and 6) against F.linear, through the build's C entry points."""
-    lib = cpu.load(64, isa)
-    width = lib.modgen_linear_panel_width()
-    assert width == 2 * {"avx512": 16, "avx2": 8}.get(isa, 4)
-    gen = torch.Generator().manual_seed(3)
-    for rows, k, n in [(1, 7, 5), (13, 40, 70), (64, 96, 3 * width)]:
-        w, b, x = (torch.randn(*s, generator=gen) for s in ((n, k), (n,), (rows, k)))
-        packed = torch.empty(-(-n // width), k, width)
-        lib.modgen_pack_linear_f32(*_ptrs(w), ctypes.c_int64(n), ctypes.c_int64(k), *_ptrs(packed))
-        for bias in (None, b):
-            y = torch.empty(rows, n)
-            args = (ctypes.c_int64(rows), ctypes.c_int64(k), *_ptrs(packed), ctypes.c_int64(n))
-            lib.modgen_linear_f32(*_ptrs(x), *args, *_ptrs(bias), *_ptrs(y))
-            want = torch.nn.functional.linear(x, w, bias)
-            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
-
-
-def _ptrs(*tensors):
-    return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
-
-
-def test_linear_calibration_times_cold_copies_and_makes_none_once_cached(monkeypatch, tmp_path):
-    """The first choice times each layout over many copies of the weight (out of cache, as in
-    a model); a cached choice builds only the one copy per layout that checks it runs here."""
-    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
-    made = []
-    real = ops._layout_copies
-    monkeypatch.setattr(ops, "_layout_copies", lambda *a: made.append(a[1:]) or real(*a))
-    first = ops.choose_layout("auto", 64, 96, False, torch.float32, (2, 8))
-    assert first in ops.linear_layouts()
-    copies = {layout: n for layout, n in made}
-    assert set(copies) >= {"blas", "cpp"} and all(n == 63 for n in copies.values())  # 64 in all
-    made.clear()
-    assert ops.choose_layout("auto", 64, 96, False, torch.float32, (2, 8)) == first
-    assert made == []
-
-
-def test_a_plugin_linear_layout_is_offered_and_forced(checkpoints):
-    assert "cpp" in ops.linear_layouts()
-    model = LLM(
-        "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=cpp"]
-    ).engine.executor.model
-    assert type(model.layers[0].attn.qkv).__name__ == "CppLinear"
-    assert type(model.lm_head).__name__ == "CppLinear"
-
-
-def test_forced_linear_layouts_and_a_tied_head(checkpoints):
-    model = LLM(
-        "llama", checkpoint=str(checkpoints["llama"]), overrides=["model.cpu_linear=blas_t"]
-    ).engine.executor.model
-    qkv = model.layers[0].attn.qkv.weight
-    assert qkv.stride() == (1, qkv.shape[0]) and qkv.t().is_contiguous()
-    tiny = ["model.tie_word_embeddings=true", *TINY]
-    tied = LLM("llama", overrides=[*tiny, "model.cpu_linear=blas_t"]).engine.executor.model
-    assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.is_contiguous()
-    packed = LLM("llama", overrides=[*tiny, "model.cpu_linear=onednn"]).engine.executor.model
-    assert type(packed.lm_head).__name__ == "OneDNNLinear" and packed.embed.weight.is_contiguous()
-    with pytest.raises(ValueError, match=r"model.cpu_linear must be auto or one of"):
-        LLM("llama", overrides=[*tiny, "model.cpu_linear=mkl"])
 
 
 def test_one_openmp_runtime_in_the_process():
