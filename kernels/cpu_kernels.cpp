@@ -195,8 +195,9 @@ inline void key_tile(const Args &a, const int64_t *table, int64_t head, int64_t 
   }
 }
 
-// A prefetch the compiler keeps (GCC 12 drops __builtin_prefetch from a loop), into L2 by default
-// (MODGEN_PFI=1, prefetcht1): into L1 (prefetcht0) decode tiles ran 15-20% slower (docs/notes.md).
+// A prefetch the compiler keeps (GCC 12 dropped __builtin_prefetch from the decode loops), into L2
+// by default (MODGEN_PFI=1, prefetcht1): into L1 (prefetcht0) decode tiles ran 15-20% slower
+// while they prefetched a tile in one burst; spread out (below), the level changed nothing.
 inline void prefetch(const float *p) {
 #if defined(__x86_64__) && MODGEN_PFI == 0
   asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char *>(p)));
@@ -232,8 +233,8 @@ inline void prefetch_tile(const Args &a, const int64_t *table, int64_t head, int
 // A later key tile's keys and values, prefetched a key at a time inside the products of this one
 // (the score loop takes the keys, the first value block the values). Decode tiles do little
 // arithmetic per byte and their blocks lie anywhere in memory; spread out, the prefetches overlap
-// the products, and decode tiles over a cache larger than L3 ran 1.3-1.4x faster than with one
-// burst a tile (22-23 GB/s, the machine's rate for reads of scattered 8 KB blocks; docs/notes.md).
+// the products, and decode tiles over a cache larger than L3 ran 1.1-1.35x faster than with one
+// burst a tile, 1.3-1.45x with the next tile's first keys fetched too (docs/notes.md).
 struct Ahead {
   const float *k[KT], *v[KT];
   int n = 0;    // keys to prefetch (0: none)
@@ -690,11 +691,14 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
       for (int64_t t = 0; t < a.num_tokens; ++t) write_kv(a, t);
     }  // the loop's barrier: every key is in place before any tile reads it
     Scratch *s = static_cast<Scratch *>(std::aligned_alloc(64, (sizeof(Scratch) + 63) / 64 * 64));
-    // dynamic schedule, one tile at a time, each thread taking its next tile before it starts
-    // this one (so that it can prefetch it)
-    int64_t i = taken.fetch_add(1, std::memory_order_relaxed);
+    // each thread's first tile by its number, then a dynamic schedule, one tile at a time, each
+    // thread taking its next tile before it starts this one (so that it can prefetch it); had
+    // the first tiles been taken dynamically too, the first thread to arrive could take two
+    // while a batch of as many tiles as threads left another idle
+    const int64_t nt = omp_get_num_threads();
+    int64_t i = omp_get_thread_num();
     while (i < n) {
-      const int64_t next = taken.fetch_add(1, std::memory_order_relaxed);
+      const int64_t next = nt + taken.fetch_add(1, std::memory_order_relaxed);
       attend_tile(a, items[i], next < n ? &items[next] : nullptr, *s);
       i = next;
     }

@@ -1,13 +1,14 @@
 // A float32 linear layer for the CPU, y = x @ W^T (+ bias), on a weight packed once into panels
 // of NP = 2 vectors of output columns, each panel [K][NP] contiguous. Included by cpu_ops.cpp
-// (the torch operators modgen::pack_linear and modgen::linear).
+// (the torch operators modgen::pack_linear and modgen::linear) and by cpu_kernels.cpp (which
+// exports each instruction set's build for the tests).
 //
 // Each thread streams a contiguous run of panels; within a panel, rows go MR at a time, MR x 2
 // accumulator vectors, each input element broadcast once against the panel's two vectors. While
 // a panel's first rows run, the next panel is prefetched a few lines a step, so its weights
 // arrive while this one computes. On the Zen 4 of docs/notes.md, with the weights out of cache as
-// they are in a model (other layers' weights run between two uses), this ran 1.1-1.3x oneDNN's
-// rate at 32-64 rows and 1.5-3x at 8-16 (decode steps); about even at 512. Knobs for
+// they are in a model (other layers' weights run between two uses), this ran 1.3-1.4x oneDNN's
+// rate at 16 rows and 1.5-2x at 8 (decode steps); within 10% of it from 64 rows up. Knobs for
 // experiments (-D at build time): MODGEN_NPV vectors a panel, MODGEN_MR rows a register block,
 // MODGEN_MC rows a pass over the panels (three vectors a panel, 12-row blocks and 64-256-row
 // passes were within the machine's noise of the defaults).
