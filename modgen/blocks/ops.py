@@ -198,9 +198,13 @@ def register_linear(
     """Decorator: offer ``factory(linear) -> module`` (the same values, run another way) as the
     linear layout ``name``, for ``model.cpu_linear=name`` and for ``auto``'s measurement. The
     factory raises OpsUnavailable when it cannot run here (no compiler, another dtype);
-    ``version()`` keys its cached measurements."""
+    ``version()`` keys its cached measurements. A name already taken (a built-in layout, or
+    another plugin's) raises ValueError."""
 
     def add(factory: Callable[[nn.Linear], nn.Module]) -> Callable[[nn.Linear], nn.Module]:
+        taken = name in LINEAR_LAYOUTS or _LINEARS.get(name, (factory,))[0] is not factory
+        if taken:
+            raise ValueError(f"linear layout {name!r} is already registered")
         _LINEARS[name] = (factory, version)
         return factory
 
@@ -257,13 +261,13 @@ def choose_layout(
     layouts = [x for x in linear_layouts() if x != "onednn" or onednn_available()]
     runs = {}
     for layout in layouts:
-        try:  # one copy now (can it run here?); the rest only if the cache has no answer
-            first = with_layout(_copy(base), layout)
+        try:  # can it run here? (a small layer of this dtype tells)
+            with_layout(nn.Linear(8, 8, bias=bias).to(dtype), layout)
         except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
             log.info("model.cpu_linear: %s cannot run here: %s", layout, err)
             continue
-        more = functools.partial(_layout_copies, base, layout, copies - 1)
-        runs[layout] = _rotating(first, more, xs)
+        # the copies are made at the first run: only if the cache has no answer
+        runs[layout] = _rotating(functools.partial(_layout_copies, base, layout, copies), xs)
     shape = {"in": in_features, "out": out_features, "bias": bias,
              "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
     # the protocol (cold copies, rows weighted alike) and the plugins' code key the cache
@@ -279,16 +283,17 @@ def _layout_copies(base: nn.Linear, layout: str, n: int) -> list[nn.Module]:
 
 
 def _rotating(
-    first: nn.Module, more: Callable[[], list[nn.Module]], xs: list[torch.Tensor]
+    make: Callable[[], list[nn.Module]], xs: list[torch.Tensor]
 ) -> Callable[[], list[Any]]:
-    """A run of one call per input, each on the next module in turn (round and round): ``first``
-    and the modules ``more()`` makes at the first run."""
-    turn: list[Iterator[nn.Module]] = []
+    """A run of one call per input, each on the next module in turn (round and round) of those
+    ``make()`` gives at the first run."""
+    turn: Iterator[nn.Module] | None = None
 
     def run() -> list[Any]:
-        if not turn:
-            turn.append(itertools.cycle([first, *more()]))
-        return [next(turn[0])(x) for x in xs]
+        nonlocal turn
+        if turn is None:
+            turn = itertools.cycle(make())
+        return [next(turn)(x) for x in xs]
 
     return run
 
