@@ -11,6 +11,11 @@ VOCAB = 96
 EOS = 2
 
 
+# overrides for a one-layer model of random weights at toy size, built with no checkpoint
+TINY = ["model.num_hidden_layers=1", "model.vocab_size=128", "model.hidden_size=64",
+        "model.intermediate_size=64", "model.num_attention_heads=4"]  # fmt: skip
+
+
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from batches import random_step
+from checkpoints import TINY
 from test_e2e_hf import GREEDY, SCHEDULES, capture_first_logits
 
 from modgen import LLM, calibration, registry
@@ -34,8 +35,10 @@ def qkv_rope(num_tokens: int, hq: int, hkv: int, d: int, seed: int = 0):
     return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d), (angle.cos(), angle.sin())
 
 
+# enough sequences that decode tiles take every KV head (2 a thread) on any runner
+_REPEAT = -(-2 * torch.get_num_threads() // len(Q_LENS))
 LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV head
-    "many": (Q_LENS, CTX_LENS),
+    "many": (Q_LENS * _REPEAT, CTX_LENS * _REPEAT),
     "few": ([1, 2], [45, 30]),
 }
 
@@ -277,10 +280,6 @@ def test_fused_ops_are_torch_operators_that_need_no_attention_build(monkeypatch)
     )
 
 
-TINY = ["model.num_hidden_layers=1", "model.vocab_size=128", "model.hidden_size=64",
-        "model.intermediate_size=64", "model.num_attention_heads=4"]  # fmt: skip
-
-
 def test_model_uses_fused_ops_where_asked_able_or_measured_faster(monkeypatch, tmp_path):
     def ops(*overrides):
         return LLM("llama", overrides=[*TINY, *overrides]).engine.executor.model.ops.name
@@ -332,8 +331,10 @@ def test_each_backend_matches_transformers(
 def test_the_cpp_linear_layout_matches_transformers(kind, checkpoints, prompts, hf_reference):
     """modgen's own GEMM (every linear layer, the LM head too) against the oracle."""
     overrides = [*SCHEDULES[1], *KERNELS[:2], "model.cpu_linear=cpp"]
+    assert "cpp" in ops.linear_layouts()  # registered by the C++ kernels' plugin
     llm = LLM(kind, checkpoint=str(checkpoints[kind]), overrides=overrides)
-    assert type(llm.engine.executor.model.lm_head).__name__ == "CppLinear"
+    model = llm.engine.executor.model
+    assert type(model.lm_head).__name__ == type(model.layers[0].attn.qkv).__name__ == "CppLinear"
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):
