@@ -9,14 +9,15 @@
 // arrive while this one computes. On the Zen 4 of docs/notes.md, with the weights out of cache as
 // they are in a model (other layers' weights run between two uses), this ran 1.3-1.4x oneDNN's
 // rate at 16 rows and 1.5-2x at 8 (decode steps); within 10% of it from 64 rows up. Knobs for
-// experiments (-D at build time): MODGEN_NPV vectors a panel, MODGEN_MR rows a register block,
-// MODGEN_MC rows a pass over the panels (three vectors a panel, 12-row blocks and 64-256-row
-// passes were within the machine's noise of the defaults).
+// experiments (-D at build time): MODGEN_NPV vectors a panel, MODGEN_MR rows a register block
+// (three vectors a panel, 12-row blocks, and passes of 64-256 rows over the panels were within
+// the machine's noise of the defaults).
 
 #pragma once
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -24,9 +25,6 @@
 
 namespace modgen {
 
-#ifndef MODGEN_MC
-#define MODGEN_MC (1 << 30)
-#endif
 #ifndef MODGEN_NPV
 #define MODGEN_NPV 2
 #endif
@@ -92,29 +90,34 @@ inline void panel_block(int rows, const float *x, int64_t k, const float *panel,
   panel_rows<R>(x, k, panel, y, ldy, cols, ahead, lines);
 }
 
-// y [m][n] = x [m][k] @ W^T + bias (bias may be null), W packed by pack_panels.
+// y [m][n] = x [m][k] @ W^T + bias (bias may be null), W packed by pack_panels. The work is
+// (panel, row group) items, each thread a contiguous run of them, panel by panel; rows are
+// split into groups only when there are too few panels to give every thread two.
 inline void linear_panels(const float *x, int64_t m, int64_t k, const float *packed, int64_t n,
                           const float *bias, float *y) {
   const int64_t panels = (n + NP - 1) / NP, lines = k * NP * sizeof(float) / 64;
+  const int64_t blocks = (m + MR - 1) / MR;  // register blocks of rows
 #pragma omp parallel
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
-    for (int64_t m0 = 0; m0 < m; m0 += MODGEN_MC) {
-      const int64_t m1 = m - m0 < MODGEN_MC ? m : m0 + MODGEN_MC;
-      for (int64_t p = p0; p < p1; ++p) {
-        const float *panel = packed + p * k * NP;
-        const float *ahead = p + 1 < p1 ? panel + k * NP : nullptr;
-        const int cols = n - p * NP < NP ? static_cast<int>(n - p * NP) : NP;
-        for (int64_t r0 = m0; r0 < m1; r0 += MR) {
-          const int rows = m1 - r0 < MR ? static_cast<int>(m1 - r0) : MR;
-          panel_block<MR>(rows, x + r0 * k, k, panel, y + r0 * n + p * NP, n, cols,
-                          r0 == m0 ? ahead : nullptr, lines);
-        }
-        if (bias != nullptr)
-          for (int64_t r = m0; r < m1; ++r)
-            for (int c = 0; c < cols; ++c) y[r * n + p * NP + c] += bias[p * NP + c];
+    int64_t groups = panels >= 2 * nt ? 1 : (2 * nt + panels - 1) / std::max<int64_t>(panels, 1);
+    groups = std::max<int64_t>(1, std::min(groups, blocks));
+    const int64_t items = panels * groups, i0 = items * t / nt, i1 = items * (t + 1) / nt;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / groups, g = i % groups;
+      const int64_t m0 = blocks * g / groups * MR, m1 = std::min(m, blocks * (g + 1) / groups * MR);
+      const float *panel = packed + p * k * NP;
+      // the next panel, prefetched during this item's first rows when this thread runs it next
+      const float *ahead = i + 1 < i1 && (i + 1) / groups != p ? panel + k * NP : nullptr;
+      const int cols = n - p * NP < NP ? static_cast<int>(n - p * NP) : NP;
+      for (int64_t r0 = m0; r0 < m1; r0 += MR) {
+        const int rows = m1 - r0 < MR ? static_cast<int>(m1 - r0) : MR;
+        panel_block<MR>(rows, x + r0 * k, k, panel, y + r0 * n + p * NP, n, cols,
+                        r0 == m0 ? ahead : nullptr, lines);
       }
+      if (bias != nullptr)
+        for (int64_t r = m0; r < m1; ++r)
+          for (int c = 0; c < cols; ++c) y[r * n + p * NP + c] += bias[p * NP + c];
     }
   }
 }

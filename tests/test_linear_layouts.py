@@ -50,6 +50,23 @@ def test_packed_linear_kernel_matches_f_linear_at_any_shape(rows, k, n):
         cpu.linear(torch.randn(rows, k + 1), packed, n, None)
 
 
+def test_packed_linear_kernel_splits_rows_when_panels_are_few():
+    """With fewer panels than two a thread, threads share a panel's rows: every output row and
+    column still comes out once, bias and all (6 threads, whatever the machine has)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        for rows, k, n in [(64, 40, 70), (13, 8, 5), (7, 16, 33), (100, 3, 1)]:
+            w, b, x = (torch.randn(*s, generator=gen) for s in ((n, k), (n,), (rows, k)))
+            got = cpu.linear(x, cpu.pack_linear(w), n, b)
+            torch.testing.assert_close(
+                got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("isa", cpu.machine_isas())
 def test_packed_linear_kernel_in_each_instruction_set(isa):
     """Each build's GEMM (AVX-512: panels of 32 columns, rows 8 at a time; AVX2: 16 and 6; SSE
