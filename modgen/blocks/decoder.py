@@ -351,9 +351,9 @@ class DecoderLM(CausalLM):
         """Run each linear layer in its shape's layout. A tied LM head gets a packed copy or
         none: the embedding keeps its rows contiguous for the lookup."""
         tied = self.lm_head.weight is self.embed.weight
-        in_place = ("blas", "blas_t")  # layouts that restride the weight itself
         for name, lin, key in self._linears():
-            if key not in chosen or (tied and name == "lm_head" and chosen[key] in in_place):
+            in_place = key in chosen and cpu_ops.linear_layout(chosen[key]).in_place
+            if key not in chosen or (tied and name == "lm_head" and in_place):
                 continue  # as loaded; a tied head: F.linear on the embedding's own rows
             parent_name, _, attr = name.rpartition(".")
             setattr(self.get_submodule(parent_name), attr, cpu_ops.with_layout(lin, chosen[key]))

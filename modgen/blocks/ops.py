@@ -20,6 +20,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from modgen import calibration
-from modgen.model import CPU_LINEAR_LAYOUTS as LINEAR_LAYOUTS
 
 log = logging.getLogger(__name__)
 
@@ -188,27 +188,64 @@ def onednn_available() -> bool:
     )
 
 
-_LINEARS: dict[str, tuple[Callable[[nn.Linear], nn.Module], Callable[[], str]]] = {}
-"""Linear layouts plugins offer, by name: (factory, version of its code)."""
+@dataclass(frozen=True)
+class LinearLayout:
+    """A way to run a linear layer: ``factory(linear)`` gives the module (same values),
+    ``version()`` names its code (keys cached measurements; empty for torch's own), and
+    ``in_place`` says the factory restrides ``linear``'s own weight instead of making a copy."""
+
+    factory: Callable[[nn.Linear], nn.Module]
+    version: Callable[[], str]
+    in_place: bool = False
+
+
+_LINEARS: dict[str, LinearLayout] = {}
+"""Every linear layout by name: the built-in ones below, then those plugins register."""
 
 
 def register_linear(
-    name: str, version: Callable[[], str]
+    name: str, version: Callable[[], str], in_place: bool = False
 ) -> Callable[[Callable[[nn.Linear], nn.Module]], Callable[[nn.Linear], nn.Module]]:
     """Decorator: offer ``factory(linear) -> module`` (the same values, run another way) as the
     linear layout ``name``, for ``model.cpu_linear=name`` and for ``auto``'s measurement. The
     factory raises OpsUnavailable when it cannot run here (no compiler, another dtype);
-    ``version()`` keys its cached measurements. A name already taken (a built-in layout, or
-    another plugin's) raises ValueError."""
+    ``version()`` keys its cached measurements; ``in_place``: it restrides ``linear``'s own
+    weight (a tied LM head then stays as it is). A name already taken raises ValueError."""
 
     def add(factory: Callable[[nn.Linear], nn.Module]) -> Callable[[nn.Linear], nn.Module]:
-        taken = name in LINEAR_LAYOUTS or _LINEARS.get(name, (factory,))[0] is not factory
-        if taken:
+        if _LINEARS.get(name, LinearLayout(factory, version)).factory is not factory:
             raise ValueError(f"linear layout {name!r} is already registered")
-        _LINEARS[name] = (factory, version)
+        _LINEARS[name] = LinearLayout(factory, version, in_place)
         return factory
 
     return add
+
+
+def _torchs_own() -> str:
+    """No version of its own: torch's code, and the calibration cache is per torch already."""
+    return ""
+
+
+@register_linear("blas", version=_torchs_own, in_place=True)
+def _blas(linear: nn.Linear) -> nn.Module:
+    """torch's F.linear on the [out, in] weight as loaded."""
+    linear.weight.data = linear.weight.data.contiguous()
+    return linear
+
+
+@register_linear("blas_t", version=_torchs_own, in_place=True)
+def _blas_t(linear: nn.Linear) -> nn.Module:
+    """torch's F.linear on the same values stored input-major."""
+    linear.weight.data = linear.weight.data.t().contiguous().t()
+    return linear
+
+
+@register_linear("onednn", version=_torchs_own)
+def _onednn(linear: nn.Linear) -> nn.Module:
+    """oneDNN's GEMM on a weight it reordered once."""
+    if not onednn_available():
+        raise OpsUnavailable("this torch has no oneDNN linear ops")
+    return OneDNNLinear(linear)
 
 
 def linear_layouts() -> tuple[str, ...]:
@@ -216,24 +253,20 @@ def linear_layouts() -> tuple[str, ...]:
     from modgen.registry import load_plugins
 
     load_plugins()
-    return (*LINEAR_LAYOUTS, *_LINEARS)
+    return tuple(_LINEARS)
+
+
+def linear_layout(name: str) -> LinearLayout:
+    """The layout ``name`` (ValueError naming the layouts there are if there is none)."""
+    if name not in linear_layouts():
+        raise ValueError(f"unknown linear layout {name!r}; layouts: {list(linear_layouts())}")
+    return _LINEARS[name]
 
 
 @torch.no_grad()
 def with_layout(linear: nn.Linear, layout: str) -> nn.Module:
     """``linear`` (values unchanged) run the way ``layout`` names."""
-    if layout == "blas":
-        linear.weight.data = linear.weight.data.contiguous()
-        return linear
-    if layout == "blas_t":
-        linear.weight.data = linear.weight.data.t().contiguous().t()
-        return linear
-    if layout == "onednn":
-        return OneDNNLinear(linear)
-    linear_layouts()  # plugins register theirs on import
-    if layout in _LINEARS:
-        return _LINEARS[layout][0](linear)
-    raise ValueError(f"unknown linear layout {layout!r}; layouts: {list(linear_layouts())}")
+    return linear_layout(layout).factory(linear)
 
 
 def choose_layout(
@@ -258,9 +291,8 @@ def choose_layout(
     copies = max(1, min(64, -(-(64 << 20) // max(1, base.weight.nbytes))))
     xs = [torch.randn(m, in_features, generator=gen).to(dtype) for m in rows]
     xs = [x for x in xs for _ in range(-(-max(rows) // x.shape[0]))]
-    layouts = [x for x in linear_layouts() if x != "onednn" or onednn_available()]
     runs = {}
-    for layout in layouts:
+    for layout in linear_layouts():
         try:  # can it run here? (a small layer of this dtype tells)
             with_layout(nn.Linear(8, 8, bias=bias).to(dtype), layout)
         except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
@@ -271,9 +303,7 @@ def choose_layout(
     shape = {"in": in_features, "out": out_features, "bias": bias,
              "dtype": str(dtype).removeprefix("torch."), "rows": list(rows)}  # fmt: skip
     # the protocol (cold copies, rows weighted alike) and the plugins' code key the cache
-    version = "+".join(
-        ["v3", *(f"{name}:{_LINEARS[name][1]()}" for name in runs if name in _LINEARS)]
-    )
+    version = "+".join(["v3", *(f"{name}:{v}" for name in runs if (v := _LINEARS[name].version()))])
     with torch.inference_mode():
         return calibration.choose("linear", shape, runs, "blas", version).name
 
