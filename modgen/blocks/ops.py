@@ -163,20 +163,35 @@ def named_ops(choice: tuple[str, str], built: dict[str, TorchOps] | None = None)
     return pick[f] if f == a else MixedOps(pick[f], pick[a])
 
 
-class OneDNNLinear(nn.Module):
-    """A linear layer whose weight oneDNN reordered once into its blocked layout."""
+class PackedLinear(nn.Module):
+    """A linear layer whose weight was packed once for some GEMM (``self.packed``, a plain
+    attribute: no state_dict, no .to()): subclasses pack in ``__init__`` and multiply 2-D
+    inputs in ``matmul``; any leading dims are flattened around it."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().contiguous()
-        # an opaque oneDNN tensor: kept as a plain attribute (no state_dict, no .to())
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] (contiguous) @ W^T + bias -> [rows, out]."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         if x.dim() != 2:
             return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
+        return self.matmul(x.contiguous())
+
+
+class OneDNNLinear(PackedLinear):
+    """A linear layer whose weight oneDNN reordered once into its blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        weight = linear.weight.detach().contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # opaque to torch
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

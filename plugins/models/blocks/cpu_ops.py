@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modgen.blocks.ops import OpsUnavailable, TorchOps, register_linear, register_ops
+from modgen.blocks.ops import (
+    OpsUnavailable,
+    PackedLinear,
+    TorchOps,
+    register_linear,
+    register_ops,
+)
 from modgen.kernels import cpu as cpu_kernels
 
 
@@ -39,13 +45,12 @@ class CppOps(TorchOps):
 
 
 @register_linear("cpp", version=cpu_kernels.source_hash)
-class CppLinear(nn.Module):
+class CppLinear(PackedLinear):
     """A float32 CPU linear layer whose weight is packed once into panels for the C++ GEMM
     (``kernels/cpu_linear.h``): one thread a run of panels, the next panel prefetched while one
     computes, which keeps decode steps' few rows from waiting on the weights."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
         weight = linear.weight.detach()
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise OpsUnavailable(f"float32 on the CPU only, not {weight.dtype} on {weight.device}")
@@ -53,11 +58,8 @@ class CppLinear(nn.Module):
             cpu_kernels.ops()
         except cpu_kernels.KernelBuildError as err:
             raise OpsUnavailable(str(err)) from err
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = cpu_kernels.pack_linear(weight)  # a plain attribute, as OneDNNLinear's
-        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        super().__init__(linear)
+        self.packed = cpu_kernels.pack_linear(weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        if x.dim() != 2:
-            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
-        return cpu_kernels.linear(x.contiguous(), self.packed, self.out_features, self.bias)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear(x, self.packed, self.out_features, self.bias)
