@@ -16,8 +16,6 @@ from modgen.engine.batch import RaggedBatch
 from modgen.engine.parallel import Parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""Ways a model may run its linear layers on the CPU (``model.cpu_linear``); ``blas`` is plain
-torch."""
 
 
 @dataclass(kw_only=True)

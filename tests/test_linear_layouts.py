@@ -126,5 +126,7 @@ def test_forced_linear_layouts_and_a_tied_head(checkpoints):
     assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.is_contiguous()
     packed = LLM("llama", overrides=[*tiny, "model.cpu_linear=onednn"]).engine.executor.model
     assert type(packed.lm_head).__name__ == "OneDNNLinear" and packed.embed.weight.is_contiguous()
+    with pytest.raises(ValueError, match=r"model.cpu_linear=cpp cannot run here: float32 on"):
+        LLM("llama", overrides=[*tiny, "model.dtype=bfloat16", "model.cpu_linear=cpp"])
     with pytest.raises(ValueError, match=r"model.cpu_linear must be auto or one of"):
         LLM("llama", overrides=[*tiny, "model.cpu_linear=mkl"])

@@ -298,8 +298,8 @@ def choose_layout(
     weights run between two calls of one: the layouts' order changed with that at decode steps'
     row counts."""
     if setting != "auto":
-        if setting == "onednn" and not onednn_available():
-            raise ValueError("model.cpu_linear=onednn: this torch has no oneDNN linear ops")
+        if (why := _cannot_run(setting, bias, dtype)) is not None:
+            raise ValueError(f"model.cpu_linear={setting} cannot run here: {why}")
         return setting
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
@@ -308,10 +308,8 @@ def choose_layout(
     xs = [x for x in xs for _ in range(-(-max(rows) // x.shape[0]))]
     runs = {}
     for layout in linear_layouts():
-        try:  # can it run here? (a small layer of this dtype tells)
-            with_layout(nn.Linear(8, 8, bias=bias).to(dtype), layout)
-        except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
-            log.info("model.cpu_linear: %s cannot run here: %s", layout, err)
+        if (why := _cannot_run(layout, bias, dtype)) is not None:
+            log.info("model.cpu_linear: %s cannot run here: %s", layout, why)
             continue
         # the copies are made at the first run: only if the cache has no answer
         runs[layout] = _rotating(functools.partial(_layout_copies, base, layout, copies), xs)
@@ -321,6 +319,15 @@ def choose_layout(
     version = "+".join(["v3", *(f"{name}:{v}" for name in runs if (v := _LINEARS[name].version()))])
     with torch.inference_mode():
         return calibration.choose("linear", shape, runs, "blas", version).name
+
+
+def _cannot_run(layout: str, bias: bool, dtype: torch.dtype) -> str | None:
+    """Why ``layout`` cannot run a layer of this dtype here (a small layer tells), or None."""
+    try:
+        with_layout(nn.Linear(8, 8, bias=bias).to(dtype), layout)
+    except RuntimeError as err:  # OpsUnavailable, or oneDNN without an fp16 path here
+        return str(err)
+    return None
 
 
 def _layout_copies(base: nn.Linear, layout: str, n: int) -> list[nn.Module]:
