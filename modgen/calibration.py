@@ -7,9 +7,10 @@ baseline, and the shape that makes the timing specific. ``choose`` times them in
 the fastest unless it beats the baseline by less than ``margin`` (so a choice that loses to plain
 torch on this machine is never taken), logs the figures that decided it, and caches the decision
 per machine fingerprint (CPU, vector extensions, threads, torch), shape, candidates and code
-version. ``choose_size`` picks a size the same way: the smallest whose time per unit is within
-the margin of the best (SplitFuse's token budget). ``python -m modgen.calibration`` lists the
-cached decisions; ``--clear`` forgets them.
+version; a measurement taken while other processes kept the CPUs busy decides its run but is
+not cached (``LOAD_LIMIT``). ``choose_size`` picks a size the same way: the smallest whose
+time per unit is within the margin of the best (SplitFuse's token budget).
+``python -m modgen.calibration`` lists the cached decisions; ``--clear`` forgets them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 MARGIN = 0.03
 """How much faster than the baseline a candidate must be to be chosen (3%)."""
+
+LOAD_LIMIT = 0.1
+"""A measurement during which other processes kept more than this share of the machine's CPUs
+busy (10%) decides this run only: it is not cached, and the next start measures again. Timings
+taken beside a busy neighbour (a pip install on one of two cores) ran 1.5-2x slow, unevenly
+enough to pick a layout that then ran slower on the quiet machine."""
 
 
 @dataclass(frozen=True)
@@ -163,11 +170,19 @@ def _cached(
     if key in cache and cache[key]["choice"] in names:
         choice = Choice(cache[key]["choice"], cache[key]["timings"], cached=True)
     else:
-        choice = Choice(*decide_now())
-        cache[key] = {**entry, "choice": choice.name, "timings": choice.timings,
-                      "machine_line": machine.machine_line(),
-                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-        _write_cache(cache)
+        with machine.OtherLoad() as load:
+            choice = Choice(*decide_now())
+        if load.fraction is not None and load.fraction > LOAD_LIMIT:
+            log.warning(
+                "calibration: %s %s was measured while other processes kept %.0f%% of the CPUs "
+                "busy: used for this run, not cached (the next start measures again)",
+                topic, _short(shape), 100 * load.fraction,
+            )  # fmt: skip
+        else:
+            cache[key] = {**entry, "choice": choice.name, "timings": choice.timings,
+                          "machine_line": machine.machine_line(),
+                          "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+            _write_cache(cache)
     log.info("calibration: %s %s: %s", topic, _short(shape), choice.describe())
     return choice
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,38 @@ def fingerprint() -> str:
     """A short hash of what makes timings on this machine comparable: CPU, extensions, threads,
     torch and its CPU capability."""
     return hashlib.sha256(json.dumps(cpu_info(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot, summed over CPUs, time
+    taken from this VM by its host (steal) included; None where /proc/stat is missing."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy
+    ticks = [int(x) for x in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much of the machine other processes used while the ``with`` block ran: ``fraction``
+    is their CPU seconds over wall seconds times CPUs (0 idle, 1 every CPU busy), None where the
+    machine does not say (no /proc/stat)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.fraction: float | None = None
+        self._start = (time.perf_counter(), cpu_busy_seconds(), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, busy0, own0 = self._start
+        busy1 = cpu_busy_seconds()
+        wall = time.perf_counter() - wall0
+        if busy0 is None or busy1 is None or wall <= 0:
+            return
+        others = (busy1 - busy0) - (time.process_time() - own0)
+        self.fraction = max(0.0, others) / (wall * (os.cpu_count() or 1))

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -61,6 +65,59 @@ def test_choose_caches_per_shape_and_version(monkeypatch, tmp_path, caplog):
     entries = json.loads((tmp_path / "calibration.json").read_text()).values()
     assert {e["machine"] for e in entries} == {machine.fingerprint()}
     assert all(e["machine_line"] == machine.machine_line() for e in entries)
+
+
+def test_a_decision_measured_beside_a_busy_neighbour_is_used_but_not_cached(
+    monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
+    measured = []
+
+    def fake_measure(candidates, repeats=5):
+        measured.append(1)
+        return {"torch": 2e-3, "fast": 1e-3}
+
+    class Busy:  # other processes kept 60% of the CPUs busy
+        fraction = 0.6
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(calibration, "measure", fake_measure)
+    monkeypatch.setattr(machine, "OtherLoad", Busy)
+    runs = {"torch": lambda: None, "fast": lambda: None}
+    with caplog.at_level(logging.INFO):
+        first = calibration.choose("topic", {"d": 64}, runs, "torch")
+    assert first.name == "fast" and not first.cached
+    assert "other processes kept 60% of the CPUs busy" in caplog.text
+    assert not (tmp_path / "calibration.json").exists()
+    again = calibration.choose("topic", {"d": 64}, runs, "torch")
+    assert not again.cached and len(measured) == 2  # measured again, not read back
+    Busy.fraction = 0.02  # a quiet machine: cached
+    calibration.choose("topic", {"d": 64}, runs, "torch")
+    assert calibration.choose("topic", {"d": 64}, runs, "torch").cached and len(measured) == 3
+
+
+@pytest.mark.skipif(machine.cpu_busy_seconds() is None, reason="no /proc/stat here")
+def test_other_load_sees_another_process_spin_and_not_this_one():
+    code = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.3)  # the child is up and spinning
+        with machine.OtherLoad() as load:
+            time.sleep(0.8)
+    finally:
+        spinner.wait()
+    cpus = os.cpu_count() or 1
+    assert load.fraction is not None and load.fraction > 0.5 / cpus  # one CPU of `cpus` busy
+    with machine.OtherLoad() as mine:  # this process's own spinning is not "other"
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.5:
+            pass
+    assert mine.fraction is not None and mine.fraction < load.fraction
 
 
 def test_machine_line_names_the_cpu_its_vector_extensions_threads_and_torch():
