@@ -329,11 +329,13 @@ class DecoderLM(CausalLM):
         return list(self.weight_rules)
 
     def _linears(self) -> list[tuple[str, nn.Linear, tuple]]:
-        """Each linear layer, its name and its shape key (in, out, bias, rows a step feeds)."""
+        """Each linear layer, its name and its shape key (in, out, bias, rows a step feeds: the
+        LM head sees a row a sequence sampled, a decode batch's 8 to 64; the others a step's
+        tokens, a decode batch's 32 to a prompt chunk's 512)."""
         out = []
         for name, lin in list(self.named_modules()):
             if isinstance(lin, nn.Linear):
-                rows = (32,) if name == "lm_head" else (32, 512)
+                rows = (8, 64) if name == "lm_head" else (32, 512)
                 key = (lin.in_features, lin.out_features, lin.bias is not None, rows)
                 out.append((name, lin, key))
         return out
