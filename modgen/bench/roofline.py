@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from typing import Any
 
 import torch
 
 from modgen import machine as this_machine
+from modgen.calibration import LOAD_LIMIT
 from modgen.engine.costs import attention_pairs
 from modgen.model import ModelSpec
+
+log = logging.getLogger(__name__)
 
 MEASURE_COMMAND = "python -m modgen.bench.roofline --measure"
 
@@ -72,13 +76,21 @@ def _timed(fn) -> float:
 
 def machine(refresh: bool = False) -> dict[str, Any]:
     """The cached machine figures (measured on first use, and again on another CPU, thread
-    count or torch)."""
+    count or torch; a measurement beside busy processes, as calibration's, is not cached)."""
     cache = this_machine.cache_root() / "machine.json"
     if not refresh and cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("fingerprint") == this_machine.fingerprint():
             return data
-    data = measure_machine()
+    with this_machine.OtherLoad() as load:
+        data = measure_machine()
+    if load.fraction is not None and load.fraction > LOAD_LIMIT:
+        log.warning(
+            "roofline: the machine was measured while other processes kept %.0f%% of the CPUs "
+            "busy: used for this run, not cached (the next run measures again)",
+            100 * load.fraction,
+        )
+        return data
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(data, indent=1))
     return data
