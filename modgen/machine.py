@@ -111,5 +111,9 @@ class OtherLoad:
         wall = time.perf_counter() - wall0
         if busy0 is None or busy1 is None or wall <= 0:
             return
-        others = (busy1 - busy0) - (time.process_time() - own0)
-        self.fraction = max(0.0, others) / (wall * (os.cpu_count() or 1))
+        cpus = os.cpu_count() or 1
+        # /proc/stat counts whole clock ticks per CPU: up to a tick each end is rounding, so a
+        # block of a few milliseconds does not read one stray tick as a busy machine
+        rounding = 2 * cpus / os.sysconf("SC_CLK_TCK")
+        others = (busy1 - busy0) - (time.process_time() - own0) - rounding
+        self.fraction = max(0.0, others) / (wall * cpus)

@@ -118,6 +118,9 @@ def test_other_load_sees_another_process_spin_and_not_this_one():
         while time.perf_counter() - t < 0.5:
             pass
     assert mine.fraction is not None and mine.fraction < load.fraction
+    with machine.OtherLoad() as blink:  # a block shorter than a clock tick reads idle
+        pass
+    assert blink.fraction == 0.0
 
 
 def test_machine_line_names_the_cpu_its_vector_extensions_threads_and_torch():
