@@ -224,6 +224,8 @@ class DecoderLM(CausalLM):
         every rank repeats (norms, routers) stay bit for bit the same on all."""
         a, first, cpu = self.arch, self.parallel.is_first, device.type == "cpu"
         choice, layouts = None, {}
+        if self.parallel.world > 1:  # measure once every rank is built and waiting, not busy
+            self.parallel.broadcast(None)
         if first:
             self.ops = cpu_ops.choose_ops(
                 config.cpu_kernels, device, self.dtype, a.hidden_size,
