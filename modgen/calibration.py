@@ -8,7 +8,7 @@ the fastest unless it beats the baseline by less than ``margin`` (so a choice th
 torch on this machine is never taken), logs the figures that decided it, and caches the decision
 per machine fingerprint (CPU, vector extensions, threads, torch), shape, candidates and code
 version; a measurement taken while other processes kept the CPUs busy decides its run but is
-not cached (``LOAD_LIMIT``). ``choose_size`` picks a size the same way: the smallest whose
+not cached (``machine.OtherLoad``). ``choose_size`` picks a size the same way: the smallest whose
 time per unit is within the margin of the best (SplitFuse's token budget).
 ``python -m modgen.calibration`` lists the cached decisions; ``--clear`` forgets them.
 """
@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 
 MARGIN = 0.03
 """How much faster than the baseline a candidate must be to be chosen (3%)."""
-
-LOAD_LIMIT = 0.1
-"""A measurement during which other processes kept more than this share of the machine's CPUs
-busy (10%) decides this run only: it is not cached, and the next start measures again. Timings
-taken beside a busy neighbour (a pip install on one of two cores) ran 1.5-2x slow, unevenly
-enough to pick a layout that then ran slower on the quiet machine."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +166,7 @@ def _cached(
     else:
         with machine.OtherLoad() as load:
             choice = Choice(*decide_now())
-        if load.fraction is not None and load.fraction > LOAD_LIMIT:
+        if load.busy:  # decides this run only; the next start measures again
             log.warning(
                 "calibration: %s %s was measured while other processes kept %.0f%% of the CPUs "
                 "busy: used for this run, not cached (the next start measures again)",

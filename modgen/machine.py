@@ -98,7 +98,16 @@ def cpu_busy_seconds() -> float | None:
 class OtherLoad:
     """How much of the machine other processes used while the ``with`` block ran: ``fraction``
     is their CPU seconds over wall seconds times CPUs (0 idle, 1 every CPU busy), None where the
-    machine does not say (no /proc/stat)."""
+    machine does not say (no /proc/stat); ``busy`` says it passed ``LIMIT``."""
+
+    LIMIT = 0.1
+    """Above this share of the CPUs kept busy by others (10%), timings taken in the block are
+    not to be kept: beside a busy neighbour (a pip install on one of two cores) they ran
+    1.5-2x slow, unevenly enough to pick a layout that then ran slower on the quiet machine."""
+
+    @property
+    def busy(self) -> bool:
+        return self.fraction is not None and self.fraction > self.LIMIT
 
     def __enter__(self) -> OtherLoad:
         self.fraction: float | None = None

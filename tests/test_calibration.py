@@ -77,7 +77,7 @@ def test_a_decision_measured_beside_a_busy_neighbour_is_used_but_not_cached(
         measured.append(1)
         return {"torch": 2e-3, "fast": 1e-3}
 
-    class Busy:  # other processes kept 60% of the CPUs busy
+    class Busy(machine.OtherLoad):  # other processes kept 60% of the CPUs busy
         fraction = 0.6
 
         def __enter__(self):

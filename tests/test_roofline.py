@@ -66,7 +66,7 @@ def test_machine_figures_measured_beside_busy_processes_are_not_cached(monkeypat
         measured.append(1)
         return {"matmul_gflops": 150.0, "memory_gbps": 30.0, "fingerprint": fingerprint()}
 
-    class Load:
+    class Load(this_machine.OtherLoad):
         fraction = 0.5  # another process kept half the CPUs busy
 
         def __enter__(self):

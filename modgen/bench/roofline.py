@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from modgen import machine as this_machine
-from modgen.calibration import LOAD_LIMIT
 from modgen.engine.costs import attention_pairs
 from modgen.model import ModelSpec
 
@@ -84,7 +83,7 @@ def machine(refresh: bool = False) -> dict[str, Any]:
             return data
     with this_machine.OtherLoad() as load:
         data = measure_machine()
-    if load.fraction is not None and load.fraction > LOAD_LIMIT:
+    if load.busy:
         log.warning(
             "roofline: the machine was measured while other processes kept %.0f%% of the CPUs "
             "busy: used for this run, not cached (the next run measures again)",
