@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints (made once per session) and their HF outputs."""
+"""Shared fixtures: tiny random checkpoints (made once per session) and their HF outputs; a
+machine load the tests set."""
 
 from __future__ import annotations
 
@@ -88,3 +89,22 @@ def family_prompts() -> list[list[int]]:
 @pytest.fixture(scope="session")
 def zoo(ckpt_dir, family_prompts) -> Zoo:
     return Zoo(ckpt_dir / "zoo", family_prompts)
+
+
+@pytest.fixture
+def other_load(monkeypatch):
+    """Every ``modgen.machine.OtherLoad`` reports the share of the CPUs other processes kept
+    busy that the test sets (``other_load.fraction = 0.6``; idle until then)."""
+    from modgen import machine
+
+    class Fixed(machine.OtherLoad):
+        fraction = 0.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(machine, "OtherLoad", Fixed)
+    return Fixed

@@ -68,7 +68,7 @@ def test_choose_caches_per_shape_and_version(monkeypatch, tmp_path, caplog):
 
 
 def test_a_decision_measured_beside_a_busy_neighbour_is_used_but_not_cached(
-    monkeypatch, tmp_path, caplog
+    monkeypatch, tmp_path, caplog, other_load
 ):
     monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
     measured = []
@@ -77,17 +77,8 @@ def test_a_decision_measured_beside_a_busy_neighbour_is_used_but_not_cached(
         measured.append(1)
         return {"torch": 2e-3, "fast": 1e-3}
 
-    class Busy(machine.OtherLoad):  # other processes kept 60% of the CPUs busy
-        fraction = 0.6
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
+    other_load.fraction = 0.6  # other processes kept 60% of the CPUs busy
     monkeypatch.setattr(calibration, "measure", fake_measure)
-    monkeypatch.setattr(machine, "OtherLoad", Busy)
     runs = {"torch": lambda: None, "fast": lambda: None}
     with caplog.at_level(logging.INFO):
         first = calibration.choose("topic", {"d": 64}, runs, "torch")
@@ -96,7 +87,7 @@ def test_a_decision_measured_beside_a_busy_neighbour_is_used_but_not_cached(
     assert not (tmp_path / "calibration.json").exists()
     again = calibration.choose("topic", {"d": 64}, runs, "torch")
     assert not again.cached and len(measured) == 2  # measured again, not read back
-    Busy.fraction = 0.02  # a quiet machine: cached
+    other_load.fraction = 0.02  # a quiet machine: cached
     calibration.choose("topic", {"d": 64}, runs, "torch")
     assert calibration.choose("topic", {"d": 64}, runs, "torch").cached and len(measured) == 3
 

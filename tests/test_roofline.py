@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from modgen import machine as this_machine
 from modgen.bench import roofline as rf
 from modgen.bench.roofline import request_cost
 from modgen.engine.costs import attention_pairs
@@ -58,7 +57,9 @@ def test_roofline_efficiency_uses_the_cached_machine(monkeypatch):
     assert out["efficiency"] == pytest.approx(1.0 / out["bound_s"])
 
 
-def test_machine_figures_measured_beside_busy_processes_are_not_cached(monkeypatch, tmp_path):
+def test_machine_figures_measured_beside_busy_processes_are_not_cached(
+    monkeypatch, tmp_path, other_load
+):
     monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
     measured = []
 
@@ -66,19 +67,10 @@ def test_machine_figures_measured_beside_busy_processes_are_not_cached(monkeypat
         measured.append(1)
         return {"matmul_gflops": 150.0, "memory_gbps": 30.0, "fingerprint": fingerprint()}
 
-    class Load(this_machine.OtherLoad):
-        fraction = 0.5  # another process kept half the CPUs busy
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
+    other_load.fraction = 0.5  # another process kept half the CPUs busy
     monkeypatch.setattr(rf, "measure_machine", fake_measure)
-    monkeypatch.setattr(this_machine, "OtherLoad", Load)
     assert rf.machine()["matmul_gflops"] == 150.0 and not (tmp_path / "machine.json").exists()
-    Load.fraction = 0.0
+    other_load.fraction = 0.0
     rf.machine()
     assert (tmp_path / "machine.json").exists() and len(measured) == 2
     rf.machine()  # read back from the cache
