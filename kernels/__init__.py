@@ -8,8 +8,23 @@ set before that; on a CUDA device they compile for real.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 from typing import Any
+
+if __name__ == "kernels":
+    # Imported by that bare name: the checkout's root is on sys.path (``python -m ...`` run from
+    # it), and this directory (installed as ``modgen.kernels``) shadows PyPI's ``kernels``, which
+    # transformers imports. Import that package with the root off the path, and hand it over.
+    _root, _path = Path(__file__).resolve().parent.parent, sys.path[:]
+    sys.path[:] = [p for p in _path if Path(p or os.curdir).resolve() != _root]
+    try:
+        del sys.modules[__name__]
+        sys.modules[__name__] = importlib.import_module(__name__)
+    finally:
+        sys.path[:] = _path
 
 _TRUE = ("1", "true", "on", "yes")
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -36,3 +38,21 @@ def test_the_core_names_no_plugin_module_and_no_kernel():
             m for m in imported_modules(path) if m.startswith(("modgen.plugins.", "modgen.kernels"))
         }
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_pypis_kernels():
+    """Run from the checkout's root (``python -m pytest``, ``python -m modgen``), the bare name
+    ``kernels`` found this repo's kernels/ (installed as ``modgen.kernels``), and transformers,
+    which imports PyPI's ``kernels`` package since 5.2x, failed on its first config. The bare name
+    now gives PyPI's package (or none, where it is not installed), and the root stays on the
+    path."""
+    code = (
+        "import sys, kernels, transformers.activations\n"
+        "print(kernels.__file__); print('' in sys.path)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if "No module named 'kernels'" in out.stderr:  # transformers without it: nothing to shadow
+        return
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, root_kept = out.stdout.split()
+    assert Path(where).resolve().parent != (ROOT / "kernels").resolve() and root_kept == "True"
