@@ -42,8 +42,11 @@ inline void store(float *dst, vf v) { std::memcpy(dst, &v, sizeof(v)); }
 
 // exp for a vector: 2^n * e^f with |f| <= ln2 / 2 and a degree-6 polynomial for e^f (relative
 // error near 2e-7). Inputs below -87 give e^-87 (about 1.6e-38): masked lanes are zeroed apart.
+// Inputs above 88 give e^88 (about 1.7e38, finite): past it 2^n overflowed the exponent field
+// into garbage, which made silu(g) = g / (1 + e^-g) of a gate below -88 come out huge.
 inline vf vexp(vf x) {
   x = x < -87.0f ? vf{} - 87.0f : x;
+  x = x > 88.0f ? vf{} + 88.0f : x;
   vf t = x * 1.44269504088896341f;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   vf n = (t + magic) - magic;

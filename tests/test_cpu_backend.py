@@ -250,6 +250,15 @@ def test_fused_rms_norm_and_swiglu_match_torch():
         cpu.silu_mul(gate_up.double())
 
 
+def test_silu_of_a_very_negative_gate_is_zero_not_garbage():
+    """e^-g for a gate below -88 overflowed the vector exponential's exponent field into
+    garbage (silu(-93.9) * up came out as 2112): it now gives about 0, as torch does."""
+    gate = torch.tensor([-200.0, -120.0, -93.9, -88.5, -60.0, -1.0, 0.0, 2.0, 90.0] * 2)
+    gate_up = torch.cat([gate, torch.full_like(gate, 3.0)]).unsqueeze(0)
+    want = torch.nn.functional.silu(gate) * 3.0
+    torch.testing.assert_close(cpu.silu_mul(gate_up)[0], want, rtol=1e-5, atol=1e-30)
+
+
 def test_argmax_kernel_matches_torch_and_takes_the_first_tie():
     gen = torch.Generator().manual_seed(5)
     for shape in [(33, 32000), (3, 17), (1, 96)]:
