@@ -247,6 +247,28 @@ def linear(
     return ops().linear(x, packed, out_features, bias)
 
 
+def pack_linear_gated(
+    weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 ``[2 * inter, in]`` SwiGLU projection (gate rows, then up rows) and its bias, if
+    any, packed once for ``linear_silu_mul``: ``[panels, in, NP]`` panels whose first half holds
+    NP / 2 gate columns and the second the up columns of the same outputs; the bias alike as
+    ``[panels, NP]`` (an empty tensor when there is none)."""
+    b = None if bias is None else bias.contiguous()
+    return ops().pack_linear_gated(weight.contiguous(), b)
+
+
+def linear_silu_mul(
+    x: torch.Tensor,  # [rows, in] float32, contiguous
+    packed: torch.Tensor,  # from pack_linear_gated
+    inter: int,
+    packed_bias: torch.Tensor,  # from pack_linear_gated (empty: no bias)
+) -> torch.Tensor:
+    """``silu(gate) * up`` of ``F.linear(x, weight, bias)`` for the weight ``pack_linear_gated``
+    packed, the activation applied as the GEMM writes its output: [rows, inter]."""
+    return ops().linear_silu_mul(x, packed, inter, packed_bias)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` of a [rows, cols] float32 tensor (first index on ties), a few times faster
     than torch's on the CPU."""

@@ -657,6 +657,15 @@ void modgen_linear_f32(const float *x, int64_t m, int64_t k, const float *packed
                        const float *bias, float *y) {
   modgen::linear_panels(x, m, k, packed, n, bias, y);
 }
+// The gated GEMM (SwiGLU's silu(gate) * up in the epilogue): w [2 * inter][k] packed into gated
+// panels (a bias [2 * inter] packs with k = 1), and y [m][inter] from them.
+void modgen_pack_linear_gated_f32(const float *w, int64_t inter, int64_t k, float *dst) {
+  modgen::pack_panels_gated(w, inter, k, dst);
+}
+void modgen_linear_silu_mul_f32(const float *x, int64_t m, int64_t k, const float *packed,
+                                int64_t inter, const float *packed_bias, float *y) {
+  modgen::linear_panels<modgen::Out::silu_gated>(x, m, k, packed, inter, packed_bias, y);
+}
 
 // Writes this step's K/V (when call->k is set), then attends. Returns 0, or 1 when the head
 // grouping does not fit a tile (hq / hkv > MAX_ROWS).

@@ -12,6 +12,11 @@
 // experiments (-D at build time): MODGEN_NPV vectors a panel, MODGEN_MR rows a register block
 // (three vectors a panel, 12-row blocks, and passes of 64-256 rows over the panels were within
 // the machine's noise of the defaults).
+//
+// A gated projection ([gate; up], SwiGLU's) may be packed so that each panel holds NP / 2 gate
+// columns and the NP / 2 up columns of the same outputs (pack_panels_gated); its GEMM then
+// writes silu(gate) * up straight from the accumulators (linear_panels_gated), so the
+// [rows, 2 * inter] projection never goes to memory and is never read back.
 
 #pragma once
 
@@ -34,6 +39,7 @@ namespace modgen {
 constexpr int NPV = MODGEN_NPV;          // vectors a panel
 constexpr int NP = NPV * W;              // output columns a panel
 constexpr int MR = MODGEN_MR;            // rows a register block: MR x NPV accumulators + NPV + 1
+static_assert(NPV % 2 == 0, "a gated panel is half gate, half up vectors");
 
 // dst [ceil(n / NP)][k][NP] from w [n][k] (row-major, PyTorch's Linear layout); columns past n
 // are zero.
@@ -50,11 +56,33 @@ inline void pack_panels(const float *w, int64_t n, int64_t k, float *dst) {
   }
 }
 
+// dst [ceil(inter / (NP / 2))][k][NP] from w [2 * inter][k] (gate rows, then up rows): each
+// panel's first NPV / 2 vectors hold gate columns, the others the up columns of the same
+// outputs; columns past inter are zero. A bias [2 * inter] packs the same way with k = 1.
+inline void pack_panels_gated(const float *w, int64_t inter, int64_t k, float *dst) {
+  constexpr int64_t HP = NP / 2;
+  const int64_t panels = (inter + HP - 1) / HP;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    float *panel = dst + p * k * NP;
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int c = 0; c < HP; ++c) {
+        const int64_t col = p * HP + c;
+        panel[kk * NP + c] = col < inter ? w[col * k + kk] : 0.0f;
+        panel[kk * NP + HP + c] = col < inter ? w[(inter + col) * k + kk] : 0.0f;
+      }
+  }
+}
+
+// What a panel's accumulators become: its columns (plain), or silu(gate) * up of a gated
+// panel's (after its packed bias, when there is one).
+enum class Out { plain, silu_gated };
+
 // y[0 .. R)[cols] of one panel for R rows of x; prefetches `ahead` (the next panel, `lines`
 // cache lines) over the first `lines` steps when given.
-template <int R>
+template <int R, Out O>
 inline void panel_rows(const float *x, int64_t k, const float *panel, float *y, int64_t ldy,
-                       int cols, const float *ahead, int64_t lines) {
+                       int cols, const float *ahead, int64_t lines, const float *pbias) {
   vf acc[R][NPV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NPV; ++v) acc[r][v] = vf{};
@@ -70,6 +98,23 @@ inline void panel_rows(const float *x, int64_t k, const float *panel, float *y, 
       for (int v = 0; v < NPV; ++v) acc[r][v] += xs * wv[v];
     }
   }
+  if constexpr (O == Out::silu_gated) {
+    constexpr int H = NPV / 2;
+    for (int r = 0; r < R; ++r) {
+      float tmp[NP / 2];
+      float *dst = cols == NP / 2 ? y + r * ldy : tmp;
+      for (int v = 0; v < H; ++v) {
+        vf g = acc[r][v], u = acc[r][v + H];
+        if (pbias != nullptr) {
+          g += load(pbias + v * W);
+          u += load(pbias + (v + H) * W);
+        }
+        store(dst + v * W, g / (1.0f + vexp(vf{} - g)) * u);  // as silu_mul (cpu_ops.cpp)
+      }
+      if (dst == tmp) std::memcpy(y + r * ldy, tmp, cols * sizeof(float));
+    }
+    return;
+  }
   for (int r = 0; r < R; ++r) {
     if (cols == NP) {
       for (int v = 0; v < NPV; ++v) store(y + r * ldy + v * W, acc[r][v]);
@@ -81,21 +126,27 @@ inline void panel_rows(const float *x, int64_t k, const float *panel, float *y, 
   }
 }
 
-template <int R>
+template <int R, Out O>
 inline void panel_block(int rows, const float *x, int64_t k, const float *panel, float *y,
-                        int64_t ldy, int cols, const float *ahead, int64_t lines) {
+                        int64_t ldy, int cols, const float *ahead, int64_t lines,
+                        const float *pbias) {
   if constexpr (R > 1) {
-    if (rows < R) return panel_block<R - 1>(rows, x, k, panel, y, ldy, cols, ahead, lines);
+    if (rows < R)
+      return panel_block<R - 1, O>(rows, x, k, panel, y, ldy, cols, ahead, lines, pbias);
   }
-  panel_rows<R>(x, k, panel, y, ldy, cols, ahead, lines);
+  panel_rows<R, O>(x, k, panel, y, ldy, cols, ahead, lines, pbias);
 }
 
-// y [m][n] = x [m][k] @ W^T + bias (bias may be null), W packed by pack_panels. The work is
-// (panel, row group) items, each thread a contiguous run of them, panel by panel; rows are
-// split into groups only when there are too few panels to give every thread two.
+// y [m][n] = x [m][k] @ W^T + bias (bias may be null), W packed by pack_panels; or, with
+// O = silu_gated, y [m][n] = silu(gate) * up of W packed by pack_panels_gated (n = inter, bias
+// packed alike or null). The work is (panel, row group) items, each thread a contiguous run of
+// them, panel by panel; rows are split into groups only when there are too few panels to give
+// every thread two.
+template <Out O = Out::plain>
 inline void linear_panels(const float *x, int64_t m, int64_t k, const float *packed, int64_t n,
                           const float *bias, float *y) {
-  const int64_t panels = (n + NP - 1) / NP, lines = k * NP * sizeof(float) / 64;
+  constexpr int64_t OC = O == Out::plain ? NP : NP / 2;  // output columns a panel
+  const int64_t panels = (n + OC - 1) / OC, lines = k * NP * sizeof(float) / 64;
   const int64_t blocks = (m + MR - 1) / MR;  // register blocks of rows
 #pragma omp parallel
   {
@@ -109,13 +160,14 @@ inline void linear_panels(const float *x, int64_t m, int64_t k, const float *pac
       const float *panel = packed + p * k * NP;
       // the next panel, prefetched during this item's first rows when this thread runs it next
       const float *ahead = i + 1 < i1 && (i + 1) / groups != p ? panel + k * NP : nullptr;
-      const int cols = n - p * NP < NP ? static_cast<int>(n - p * NP) : NP;
+      const int cols = n - p * OC < OC ? static_cast<int>(n - p * OC) : static_cast<int>(OC);
+      const float *pbias = O == Out::silu_gated && bias != nullptr ? bias + p * NP : nullptr;
       for (int64_t r0 = m0; r0 < m1; r0 += MR) {
         const int rows = m1 - r0 < MR ? static_cast<int>(m1 - r0) : MR;
-        panel_block<MR>(rows, x + r0 * k, k, panel, y + r0 * n + p * NP, n, cols,
-                        r0 == m0 ? ahead : nullptr, lines);
+        panel_block<MR, O>(rows, x + r0 * k, k, panel, y + r0 * n + p * OC, n, cols,
+                           r0 == m0 ? ahead : nullptr, lines, pbias);
       }
-      if (bias != nullptr)
+      if (O == Out::plain && bias != nullptr)
         for (int64_t r = m0; r < m1; ++r)
           for (int c = 0; c < cols; ++c) y[r * n + p * NP + c] += bias[p * NP + c];
     }

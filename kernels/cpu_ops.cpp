@@ -173,6 +173,54 @@ at::Tensor linear(const at::Tensor &x, const at::Tensor &packed, int64_t n,
   return y;
 }
 
+// [gate; up] w [2 * inter, k] packed into [ceil(inter / (NP / 2)), k, NP] gated panels, and its
+// bias [2 * inter], if any, into [ceil(inter / (NP / 2)), NP] alike (an empty tensor if none).
+std::tuple<at::Tensor, at::Tensor> pack_linear_gated(const at::Tensor &w,
+                                                     const std::optional<at::Tensor> &bias) {
+  check_plain("weight", w, 2);
+  TORCH_CHECK_VALUE(w.size(0) % 2 == 0, "a gated weight stacks gate and up rows; got ",
+                    w.size(0), " rows");
+  const int64_t inter = w.size(0) / 2, k = w.size(1), hp = modgen::NP / 2;
+  const int64_t panels = (inter + hp - 1) / hp;
+  at::Tensor out = at::empty({panels, k, modgen::NP}, w.options());
+  modgen::pack_panels_gated(w.data_ptr<float>(), inter, k, out.data_ptr<float>());
+  at::Tensor pb = at::empty({0}, w.options());
+  if (bias.has_value()) {
+    check_plain("bias", *bias, 1);
+    TORCH_CHECK_VALUE(bias->size(0) == 2 * inter, "bias has ", bias->size(0), " values for ",
+                      2 * inter, " gate and up outputs");
+    pb = at::empty({panels, modgen::NP}, w.options());
+    modgen::pack_panels_gated(bias->data_ptr<float>(), inter, 1, pb.data_ptr<float>());
+  }
+  return {out, pb};
+}
+
+// silu(x @ gate^T + gate bias) * (x @ up^T + up bias) -> [m, inter], on the weight (and bias)
+// pack_linear_gated packed: the GEMM of a SwiGLU projection with silu_mul done in its epilogue.
+at::Tensor linear_silu_mul(const at::Tensor &x, const at::Tensor &packed, int64_t inter,
+                           const at::Tensor &packed_bias) {
+  check_plain("x", x, 2);
+  check_plain("packed weight", packed, 3);
+  const int64_t m = x.size(0), k = x.size(1), hp = modgen::NP / 2;
+  const int64_t panels = (inter + hp - 1) / hp;
+  TORCH_CHECK_VALUE(packed.size(1) == k && packed.size(2) == modgen::NP &&
+                        packed.size(0) == panels,
+                    "x has ", k, " columns; the gated weight ", packed.sizes(), " is not ", inter,
+                    " outputs of ", k, " in panels of ", hp, " gate and ", hp, " up columns");
+  const bool has_bias = packed_bias.numel() > 0;
+  if (has_bias) {
+    check_plain("packed bias", packed_bias, 2);
+    TORCH_CHECK_VALUE(packed_bias.size(0) == panels && packed_bias.size(1) == modgen::NP,
+                      "the packed bias ", packed_bias.sizes(), " does not match ", panels,
+                      " panels of ", modgen::NP);
+  }
+  at::Tensor y = at::empty({m, inter}, x.options());
+  modgen::linear_panels<modgen::Out::silu_gated>(
+      x.data_ptr<float>(), m, k, packed.data_ptr<float>(), inter,
+      has_bias ? packed_bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
+
 // ---- paged attention: the kernel builds, by instruction set and head dim ------------------
 
 using AttentionFn = int (*)(const ModgenAttentionCall *);
@@ -276,6 +324,8 @@ TORCH_LIBRARY(modgen, m) {
   m.def("argmax(Tensor x) -> Tensor");
   m.def("pack_linear(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+  m.def("pack_linear_gated(Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
+  m.def("linear_silu_mul(Tensor x, Tensor packed, int inter, Tensor packed_bias) -> Tensor");
   m.def("register_attention(str isa, int head_dim, int address) -> ()", &register_attention);
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start, "
@@ -290,5 +340,7 @@ TORCH_LIBRARY_IMPL(modgen, CPU, m) {
   m.impl("argmax", &argmax);
   m.impl("pack_linear", &pack_linear);
   m.impl("linear", &linear);
+  m.impl("pack_linear_gated", &pack_linear_gated);
+  m.impl("linear_silu_mul", &linear_silu_mul);
   m.impl("paged_attention", &paged_attention);
 }

@@ -87,6 +87,70 @@ def test_packed_linear_kernel_in_each_instruction_set(isa):
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
 
 
+def _silu_gated(x, w, bias):
+    gate_up = torch.nn.functional.linear(x, w, bias)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "inter"), [(1, 7, 5), (13, 40, 70), (64, 512, 96), (9, 33, 16), (0, 5, 8)]
+)
+def test_gated_linear_kernel_is_silu_of_gate_times_up(rows, k, inter):
+    """SwiGLU's projection with silu(gate) * up in the GEMM's epilogue, against F.linear then
+    the activation; widths that are not whole half-panels, no rows; with a whole number of
+    vectors it is the unfused C++ GEMM then silu_mul bit for bit."""
+    gen = torch.Generator().manual_seed(rows + k + inter)
+    w = torch.randn(2 * inter, k, generator=gen) / k**0.5
+    b, x = torch.randn(2 * inter, generator=gen), torch.randn(rows, k, generator=gen)
+    for bias in (None, b):
+        packed, packed_bias = cpu.pack_linear_gated(w, bias)
+        width = packed.shape[2]
+        assert packed.shape == (-(-inter // (width // 2)), k, width)
+        assert packed_bias.numel() == (0 if bias is None else packed.shape[0] * width)
+        got = cpu.linear_silu_mul(x, packed, inter, packed_bias)
+        torch.testing.assert_close(got, _silu_gated(x, w, bias), rtol=1e-5, atol=1e-5)
+    if inter % (width // 2) == 0:
+        apart = cpu.silu_mul(cpu.linear(x, cpu.pack_linear(w), 2 * inter, None))
+        assert torch.equal(cpu.linear_silu_mul(x, packed, inter, torch.empty(0)), apart)
+    with pytest.raises(ValueError, match="columns; the gated weight"):
+        cpu.linear_silu_mul(torch.randn(rows, k + 1), packed, inter, packed_bias)
+    with pytest.raises(ValueError, match="a gated weight stacks gate and up rows"):
+        cpu.pack_linear_gated(torch.randn(3, k))
+
+
+@pytest.mark.parametrize("isa", cpu.machine_isas())
+def test_gated_linear_kernel_in_each_instruction_set(isa):
+    """Each build's gated GEMM (half-panels of 16, 8 or 4 columns) through its C entry points."""
+    lib = cpu.load(64, isa)
+    width = lib.modgen_linear_panel_width()
+    gen = torch.Generator().manual_seed(4)
+    for rows, k, inter in [(1, 7, 5), (13, 40, 70), (20, 96, 3 * width)]:
+        w = torch.randn(2 * inter, k, generator=gen) / k**0.5
+        b, x = torch.randn(2 * inter, generator=gen), torch.randn(rows, k, generator=gen)
+        panels = -(-inter // (width // 2))
+        packed, packed_bias = torch.empty(panels, k, width), torch.empty(panels, width)
+        ints = ctypes.c_int64(inter), ctypes.c_int64(k)
+        lib.modgen_pack_linear_gated_f32(*_ptrs(w), *ints, *_ptrs(packed))
+        lib.modgen_pack_linear_gated_f32(*_ptrs(b), ctypes.c_int64(inter), ctypes.c_int64(1),
+                                         *_ptrs(packed_bias))  # fmt: skip
+        for bias, pb in ((None, None), (b, packed_bias)):
+            y = torch.empty(rows, inter)
+            args = (ctypes.c_int64(rows), ctypes.c_int64(k), *_ptrs(packed), ctypes.c_int64(inter))
+            lib.modgen_linear_silu_mul_f32(*_ptrs(x), *args, *_ptrs(pb), *_ptrs(y))
+            torch.testing.assert_close(y, _silu_gated(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_gated_linear_kernel_takes_a_very_negative_gate_to_zero():
+    """Gates below -88 (e^-g past float's range) give about 0, as torch does, not garbage."""
+    gate = torch.tensor([-200.0, -120.0, -93.9, -88.5, -60.0, -1.0, 0.0, 2.0, 90.0] * 2)
+    gate_up = torch.cat([gate, torch.full_like(gate, 3.0)]).unsqueeze(0)
+    # x = 1 and a one-column weight holding the gate and up values: the GEMM's output is them
+    packed, no_bias = cpu.pack_linear_gated(gate_up.t().contiguous())
+    got = cpu.linear_silu_mul(torch.ones(1, 1), packed, gate.numel(), no_bias)[0]
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * 3.0, rtol=1e-5, atol=1e-30)
+
+
 def _ptrs(*tensors):
     return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
 
