@@ -92,7 +92,7 @@ class Alone(Parallel):
     """A rank's place without its peers: rank 0's choices are plain torch's, broadcast to no one."""
 
     def broadcast(self, obj=None):
-        return (("torch", "torch"), {})
+        return (("torch", "torch"), {}, [])
 
 
 PLAIN_LAYERS = ["model.cpu_kernels=false", "model.cpu_linear=blas"]  # weights as parameters

@@ -219,11 +219,12 @@ class DecoderLM(CausalLM):
         self.eval()
 
     def _fast_paths(self, config: ModelConfig, device: torch.device) -> None:
-        """The element-wise ops and each linear layer's layout on the CPU, measured; over
-        several ranks rank 0 measures and every rank takes its choices, so the computations
-        every rank repeats (norms, routers) stay bit for bit the same on all."""
+        """The element-wise ops, each linear layer's layout on the CPU and the blocks' steps
+        fused into their linear layers, measured; over several ranks rank 0 measures and every
+        rank takes its choices, so the computations every rank repeats (norms, routers) stay bit
+        for bit the same on all."""
         a, first, cpu = self.arch, self.parallel.is_first, device.type == "cpu"
-        choice, layouts = None, {}
+        choice, layouts, fused = None, {}, []
         if self.parallel.world > 1:  # measure once every rank is built and waiting, not busy
             self.parallel.broadcast(None)
         if first:
@@ -233,12 +234,42 @@ class DecoderLM(CausalLM):
             )  # fmt: skip
             choice = self.ops.choice
             layouts = self._choose_layouts(config.cpu_linear) if cpu else {}
+            fused = self._choose_fusions(config.cpu_kernels, layouts)
         if self.parallel.world > 1:
-            choice, layouts = self.parallel.broadcast((choice, layouts))
+            choice, layouts, fused = self.parallel.broadcast((choice, layouts, fused))
             if not first:
                 self.ops = cpu_ops.named_ops(choice)
-        if cpu:
-            self._apply_layouts(layouts)
+        if not cpu:
+            return
+        self._apply_layouts(layouts)
+        for name in fused:
+            block_name, _, attr = name.rpartition(".")
+            block = self.get_submodule(block_name)
+            block.use_fused(attr, getattr(block, attr).fused(block.fusable()[attr]))
+
+    def _choose_fusions(self, setting: bool | None, layouts: dict[tuple, str]) -> list[str]:
+        """The linear layers (by name) that will run their block's next step fused into their
+        GEMM, once in their layouts: each shape measured once (``cpu_ops.choose_fused``;
+        ``model.cpu_kernels`` False never fuses, True fuses wherever the layout can)."""
+        decided: dict[tuple, bool] = {}
+        fused = []
+        for block_name, block in self.named_modules():
+            if not isinstance(block, Block):
+                continue
+            for attr, step in block.fusable().items():
+                lin = getattr(block, attr)
+                if not isinstance(lin, nn.Linear):
+                    continue
+                key = (lin.in_features, lin.out_features, lin.bias is not None, (32, 512))
+                if key not in layouts:
+                    continue  # run as loaded (torch's GEMM): nothing to fuse into
+                if (key, step) not in decided:
+                    decided[key, step] = cpu_ops.choose_fused(
+                        setting, layouts[key], *key[:3], self.dtype, step, self.ops, key[3]
+                    )
+                if decided[key, step]:
+                    fused.append(f"{block_name}.{attr}")
+        return fused
 
     def _shape_attributes(self, spec: ModelSpec) -> None:
         self.num_layers, self.num_heads = spec.num_layers, spec.num_heads

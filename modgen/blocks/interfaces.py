@@ -71,6 +71,18 @@ class Block(nn.Module, ABC):
     def post_load(self) -> None:
         """Called once the weights (a checkpoint's or random ones) are in place."""
 
+    def fusable(self) -> dict[str, str]:
+        """Linear layers of this block (attribute name -> the step that follows them, one of
+        ``modgen.blocks.ops.OUTPUT_STEPS``) that may run with the step fused into their GEMM;
+        the model decides by measurement once the layers run in their layouts, and hands each
+        fused module to ``use_fused``. None by default."""
+        return {}
+
+    def use_fused(self, name: str, module: nn.Module) -> None:
+        """Run linear layer ``name`` as ``module``, which applies its step too (from then on
+        the block must not apply it again)."""
+        raise NotImplementedError(f"{type(self).__name__} offers no fused linear layers")
+
 
 class Norm(Block):
     """A normalisation over the last dim, with the residual add before it fused in."""

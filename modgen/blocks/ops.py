@@ -9,6 +9,9 @@
 - RMSNorm with its residual add, SwiGLU and the greedy arg-max: torch's ops or a faster
   implementation a plugin registers (``register_ops``; modgen's C++ kernels are one,
   ``modgen.plugins.models.blocks.cpu_ops``); ``model.cpu_kernels``: None measures them.
+- A block's output step fused into the linear layer before it (``Block.fusable``: SwiGLU's
+  silu(gate) * up into the gate/up projection), where the layer's layout offers it
+  (``PackedLinear.fused``): ``choose_fused``, measured against the GEMM and the step apart.
 
 Every choice goes through ``modgen.calibration`` (plain torch unless another is faster by 3%),
 so the figures that decided it are logged and cached per machine and shape.
@@ -182,6 +185,20 @@ class PackedLinear(nn.Module):
             return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], -1)
         return self.matmul(x.contiguous())
 
+    def fused(self, step: str) -> nn.Module | None:
+        """A module computing this layer's output followed by ``step`` (one of
+        ``OUTPUT_STEPS``) as its GEMM writes the output, or None where this layout has no such
+        form (the default)."""
+        return None
+
+
+OUTPUT_STEPS: dict[str, Callable[[Any], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "silu_mul": lambda ops: ops.silu_mul,
+}
+"""Steps a block may ask to have fused into the linear layer before them (``Block.fusable``),
+each as the ops object runs it on its own: ``silu_mul`` is SwiGLU's silu(gate) * up of a
+[gate; up] projection."""
+
 
 class OneDNNLinear(PackedLinear):
     """A linear layer whose weight oneDNN reordered once into its blocked layout."""
@@ -301,11 +318,7 @@ def choose_layout(
         if (why := _cannot_run(setting, bias, dtype)) is not None:
             raise ValueError(f"model.cpu_linear={setting} cannot run here: {why}")
         return setting
-    gen = torch.Generator().manual_seed(0)
-    base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
-    copies = max(1, min(64, -(-(64 << 20) // max(1, base.weight.nbytes))))
-    xs = [torch.randn(m, in_features, generator=gen).to(dtype) for m in rows]
-    xs = [x for x in xs for _ in range(-(-max(rows) // x.shape[0]))]
+    base, copies, xs = _timing_setup(in_features, out_features, bias, dtype, rows)
     runs = {}
     for layout in linear_layouts():
         if (why := _cannot_run(layout, bias, dtype)) is not None:
@@ -319,6 +332,49 @@ def choose_layout(
     version = "+".join(["v3", *(f"{name}:{v}" for name in runs if (v := _LINEARS[name].version()))])
     with torch.inference_mode():
         return calibration.choose("linear", shape, runs, "blas", version).name
+
+
+def choose_fused(
+    setting: bool | None, layout: str, in_features: int, out_features: int, bias: bool,
+    dtype: torch.dtype, step: str, ops: Any, rows: tuple[int, ...] = (32, 512),
+) -> bool:  # fmt: skip
+    """Whether a linear layer run in ``layout`` takes ``step`` into its GEMM (``fused``): never
+    with ``setting`` False or where the layout has no fused form, always where it has one with
+    True; with None, measured against the layout's GEMM followed by ``ops``' own ``step``, on
+    cold copies of the weight with rows weighted alike, as ``choose_layout`` measures."""
+    separate = OUTPUT_STEPS[step](ops)
+    probe = with_layout(nn.Linear(8, 16, bias=bias).to(dtype), layout)
+    if setting is False or not isinstance(probe, PackedLinear) or probe.fused(step) is None:
+        return False
+    if setting is True:
+        return True
+    base, copies, xs = _timing_setup(in_features, out_features, bias, dtype, rows)
+    make = functools.partial(_layout_copies, base, layout, copies)
+    runs = {
+        "separate": _rotating(lambda: [_then(m, separate) for m in make()], xs),
+        "fused": _rotating(lambda: [m.fused(step) for m in make()], xs),
+    }
+    shape = {"in": in_features, "out": out_features, "bias": bias, "layout": layout,
+             "step": step, "ops": type(ops).__name__, "rows": list(rows)}  # fmt: skip
+    version = _LINEARS[layout].version()
+    with torch.inference_mode():
+        return calibration.choose("fused linear", shape, runs, "separate", version).name == "fused"
+
+
+def _timing_setup(
+    in_features: int, out_features: int, bias: bool, dtype: torch.dtype, rows: tuple[int, ...]
+) -> tuple[nn.Linear, int, list[torch.Tensor]]:
+    """A layer of the shape, how many copies of its weight make about 64 MB (at most 64), and
+    the inputs of one timed run: as many calls of the fewer rows as make up the most."""
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    copies = max(1, min(64, -(-(64 << 20) // max(1, base.weight.nbytes))))
+    xs = [torch.randn(m, in_features, generator=gen).to(dtype) for m in rows]
+    return base, copies, [x for x in xs for _ in range(-(-max(rows) // x.shape[0]))]
+
+
+def _then(first: Callable[[torch.Tensor], Any], step: Callable[[Any], Any]) -> Callable:
+    return lambda x: step(first(x))
 
 
 def _cannot_run(layout: str, bias: bool, dtype: torch.dtype) -> str | None:
@@ -335,11 +391,11 @@ def _layout_copies(base: nn.Linear, layout: str, n: int) -> list[nn.Module]:
 
 
 def _rotating(
-    make: Callable[[], list[nn.Module]], xs: list[torch.Tensor]
+    make: Callable[[], list[Callable]], xs: list[torch.Tensor]
 ) -> Callable[[], list[Any]]:
-    """A run of one call per input, each on the next module in turn (round and round) of those
-    ``make()`` gives at the first run."""
-    turn: Iterator[nn.Module] | None = None
+    """A run of one call per input, each on the next module (or callable) in turn (round and
+    round) of those ``make()`` gives at the first run."""
+    turn: Iterator[Callable] | None = None
 
     def run() -> list[Any]:
         nonlocal turn
