@@ -305,6 +305,26 @@ def test_model_uses_fused_ops_where_asked_able_or_measured_faster(monkeypatch, t
     assert ops() == "cpp"  # the first shape's decision is cached
 
 
+def test_swiglu_runs_in_the_gemm_where_asked_able_or_measured_faster(monkeypatch, tmp_path):
+    """The gated MLP's silu(gate) * up goes into its projection's GEMM where the layout has a
+    fused form (the C++ GEMM; oneDNN's has none): always with cpu_kernels=true, never with
+    false, by measurement (against the GEMM and ops' own silu_mul apart) by default."""
+
+    def gate_up(layout: str, *overrides: str) -> str:
+        llm = LLM("llama", overrides=[*TINY, f"model.cpu_linear={layout}", *overrides])
+        return type(llm.engine.executor.model.layers[0].mlp.gate_up).__name__
+
+    assert gate_up("cpp", "model.cpu_kernels=true") == "CppSiluGatedLinear"
+    assert gate_up("cpp", "model.cpu_kernels=false") == "CppLinear"
+    assert gate_up("onednn", "model.cpu_kernels=true") == "OneDNNLinear"
+    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
+    fake_timings(monkeypatch, {"torch": 1.0, "cpp": 0.5, "separate": 1.0, "fused": 0.5})
+    assert gate_up("cpp") == "CppSiluGatedLinear"
+    fake_timings(monkeypatch, {"torch": 1.0, "cpp": 0.5, "separate": 1.0, "fused": 0.99})
+    assert gate_up("cpp", "model.intermediate_size=96") == "CppLinear"  # not 3% faster
+    assert gate_up("cpp") == "CppSiluGatedLinear"  # the first shape's decision is cached
+
+
 # plain torch throughout, or every C++ kernel and the oneDNN linear layout
 PLAIN = ["attention=torch", "model.cpu_kernels=false", "model.cpu_linear=blas"]
 KERNELS = ["attention=cpu", "model.cpu_kernels=true", "model.cpu_linear=onednn"]
@@ -338,12 +358,14 @@ def test_each_backend_matches_transformers(
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_the_cpp_linear_layout_matches_transformers(kind, checkpoints, prompts, hf_reference):
-    """modgen's own GEMM (every linear layer, the LM head too) against the oracle."""
+    """modgen's own GEMM (every linear layer, the LM head too; SwiGLU in the gate/up
+    projection's epilogue) against the oracle."""
     overrides = [*SCHEDULES[1], *KERNELS[:2], "model.cpu_linear=cpp"]
     assert "cpp" in ops.linear_layouts()  # registered by the C++ kernels' plugin
     llm = LLM(kind, checkpoint=str(checkpoints[kind]), overrides=overrides)
     model = llm.engine.executor.model
     assert type(model.lm_head).__name__ == type(model.layers[0].attn.qkv).__name__ == "CppLinear"
+    assert type(model.layers[0].mlp.gate_up).__name__ == "CppSiluGatedLinear"
     logits = capture_first_logits(llm)
     outs = llm.generate(prompts, GREEDY)
     for i, (out, (ref_tokens, ref_logits)) in enumerate(zip(outs, hf_reference[kind], strict=True)):

@@ -63,3 +63,26 @@ class CppLinear(PackedLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear(x, self.packed, self.out_features, self.bias)
+
+    def fused(self, step: str) -> nn.Module | None:
+        if step != "silu_mul" or self.out_features % 2:
+            return None
+        # the weight back out of its panels ([panels, in, NP] -> [out, in]), packed gated
+        weight = self.packed.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
+        return CppSiluGatedLinear(weight, self.bias)
+
+
+class CppSiluGatedLinear(nn.Module):
+    """SwiGLU's ``silu(gate) * up`` of a [gate; up] projection (``[2 * inter, in]``, the
+    ``gated`` MLP's), with silu and the product done as the C++ GEMM writes its output: the
+    ``[rows, 2 * inter]`` projection is never written out and read back (``linear_silu_mul``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0] // 2
+        self.packed, self.packed_bias = cpu_kernels.pack_linear_gated(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., inter]
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = cpu_kernels.linear_silu_mul(rows, self.packed, self.out_features, self.packed_bias)
+        return y.view(*x.shape[:-1], self.out_features)

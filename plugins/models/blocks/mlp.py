@@ -88,12 +88,24 @@ class GatedMLP(_ShardedMLP):
         self.act = act
         self.gate_up = nn.Linear(arch.hidden_size, 2 * self.width, bias=bias)
         self.down = nn.Linear(self.width, arch.hidden_size, bias=bias)
+        self.gate_up_activates = False
+        """Whether ``gate_up`` applies the activation itself (``use_fused``)."""
 
     @classmethod
     def check(cls, *, act: str = "silu", **_: Any) -> None:
         check_activation(act)
 
+    def fusable(self) -> dict[str, str]:
+        return {"gate_up": "silu_mul"} if self.act == "silu" else {}
+
+    def use_fused(self, name: str, module: nn.Module) -> None:
+        if name != "gate_up":
+            super().use_fused(name, module)
+        self.gate_up, self.gate_up_activates = module, True
+
     def forward(self, x, step):
+        if self.gate_up_activates:
+            return self.output(self.gate_up(x), step)
         return self.output(gated_act(self.gate_up(x), self.act, step.ops), step)
 
 
