@@ -17,12 +17,15 @@ from typing import Any
 if __name__ == "kernels":
     # Imported by that bare name: the checkout's root is on sys.path (``python -m ...`` run from
     # it), and this directory (installed as ``modgen.kernels``) shadows PyPI's ``kernels``, which
-    # transformers imports. Import that package with the root off the path, and hand it over.
-    _root, _path = Path(__file__).resolve().parent.parent, sys.path[:]
+    # transformers imports. Import that package with the root off the path and hand it over;
+    # where it is not installed, stay this module (transformers then finds no version of it).
+    _root, _path, _this = Path(__file__).resolve().parent.parent, sys.path[:], sys.modules[__name__]
     sys.path[:] = [p for p in _path if Path(p or os.curdir).resolve() != _root]
     try:
         del sys.modules[__name__]
         sys.modules[__name__] = importlib.import_module(__name__)
+    except ImportError:
+        sys.modules[__name__] = _this
     finally:
         sys.path[:] = _path
 

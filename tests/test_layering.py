@@ -44,15 +44,17 @@ def test_the_checkouts_kernels_folder_does_not_shadow_pypis_kernels():
     """Run from the checkout's root (``python -m pytest``, ``python -m modgen``), the bare name
     ``kernels`` found this repo's kernels/ (installed as ``modgen.kernels``), and transformers,
     which imports PyPI's ``kernels`` package since 5.2x, failed on its first config. The bare name
-    now gives PyPI's package (or none, where it is not installed), and the root stays on the
+    now gives PyPI's package where it is installed (this folder where it is not, as before: an
+    older transformers imports the name to see whether it exists), and the root stays on the
     path."""
     code = (
-        "import sys, kernels, transformers.activations\n"
-        "print(kernels.__file__); print('' in sys.path)"
+        "import importlib.util, sys, kernels, transformers.activations\n"
+        "print(kernels.__file__); print('' in sys.path)\n"
+        "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; del sys.modules['kernels']\n"
+        "print(importlib.util.find_spec('kernels') is not None)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    if "No module named 'kernels'" in out.stderr:  # transformers without it: nothing to shadow
-        return
     assert out.returncode == 0, out.stderr[-2000:]
-    where, root_kept = out.stdout.split()
-    assert Path(where).resolve().parent != (ROOT / "kernels").resolve() and root_kept == "True"
+    where, root_kept, installed = out.stdout.split()
+    ours = Path(where).resolve().parent == (ROOT / "kernels").resolve()
+    assert ours == (installed == "False") and root_kept == "True"
