@@ -238,6 +238,27 @@ print("TOKENS", json.dumps([o.token_ids for o in outs]))
 """
 
 
+def _wait_all(procs: list[subprocess.Popen], outputs: list[Path], timeout_s: float) -> list[str]:
+    """Every process's output (written to ``outputs``) once all have exited. When one fails,
+    the others are killed (torchrun's agent whose workers succeeded waits 300 s at its exit
+    barrier for a failed peer), and all outputs are printed whole: an assertion message is cut
+    short."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    logs = [path.read_text() for path in outputs]
+    if any(p.returncode != 0 for p in procs):
+        for i, log in enumerate(logs):
+            print(f"----- node {i} (exit {procs[i].returncode}) -----\n{log}")
+    return logs
+
+
 def test_torchrun_two_nodes_on_loopback(tmp_path, checkpoints, prompts, hf_reference):
     """``torchrun --nnodes=2 --nproc-per-node=1`` with its rendezvous on 127.0.0.1: rank 0 runs
     the engine, rank 1 (the other "node") serves its steps; the tokens are transformers'."""
@@ -250,18 +271,14 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, checkpoints, prompts, hf_refer
     ]
     args = [str(script), str(checkpoints["llama"]), json.dumps(prompts[:3])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [
-        subprocess.Popen(
-            [*torchrun, f"--node-rank={n}", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for n in (0, 1)
-    ]
-    logs = [node.communicate(timeout=240)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs
+    outputs = [tmp_path / f"node{n}.log" for n in (0, 1)]
+    nodes = []
+    for n, path in enumerate(outputs):
+        with open(path, "w") as out:
+            cmd = [*torchrun, f"--node-rank={n}", *args]
+            nodes.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+    logs = _wait_all(nodes, outputs, timeout_s=240)
+    assert [node.returncode for node in nodes] == [0, 0], "\n=====\n".join(logs)
     printed = [line for log in logs for line in log.splitlines() if "TOKENS" in line]
     assert len(printed) == 1, logs  # only rank 0 runs the engine's caller
     tokens = json.loads(printed[0].split("TOKENS", 1)[1])
