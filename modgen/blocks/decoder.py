@@ -251,16 +251,14 @@ class DecoderLM(CausalLM):
         """The linear layers (by name) that will run their block's next step fused into their
         GEMM, once in their layouts: each shape measured once (``cpu_ops.choose_fused``;
         ``model.cpu_kernels`` False never fuses, True fuses wherever the layout can)."""
+        keys = {id(lin): key for _, lin, key in self._linears()}
         decided: dict[tuple, bool] = {}
         fused = []
         for block_name, block in self.named_modules():
             if not isinstance(block, Block):
                 continue
             for attr, step in block.fusable().items():
-                lin = getattr(block, attr)
-                if not isinstance(lin, nn.Linear):
-                    continue
-                key = (lin.in_features, lin.out_features, lin.bias is not None, (32, 512))
+                key = keys.get(id(getattr(block, attr)))
                 if key not in layouts:
                     continue  # run as loaded (torch's GEMM): nothing to fuse into
                 if (key, step) not in decided:
