@@ -41,19 +41,25 @@ constexpr int NP = NPV * W;              // output columns a panel
 constexpr int MR = MODGEN_MR;            // rows a register block: MR x NPV accumulators + NPV + 1
 static_assert(NPV % 2 == 0, "a gated panel is half gate, half up vectors");
 
-// dst [ceil(n / NP)][k][NP] from w [n][k] (row-major, PyTorch's Linear layout); columns past n
-// are zero.
-inline void pack_panels(const float *w, int64_t n, int64_t k, float *dst) {
-  const int64_t panels = (n + NP - 1) / NP;
+// dst [panels][k][NP]: column c of panel p holds row row_of(p, c) of w [rows][k] (PyTorch's
+// Linear layout: a row per output), or zeros where row_of gives -1.
+template <class RowOf>
+inline void pack_columns(const float *w, int64_t panels, int64_t k, float *dst, RowOf row_of) {
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
     float *panel = dst + p * k * NP;
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int c = 0; c < NP; ++c) {
-        const int64_t col = p * NP + c;
-        panel[kk * NP + c] = col < n ? w[col * k + kk] : 0.0f;
-      }
+    for (int c = 0; c < NP; ++c) {
+      const int64_t row = row_of(p, c);
+      for (int64_t kk = 0; kk < k; ++kk) panel[kk * NP + c] = row >= 0 ? w[row * k + kk] : 0.0f;
+    }
   }
+}
+
+// dst [ceil(n / NP)][k][NP] from w [n][k]; columns past n are zero.
+inline void pack_panels(const float *w, int64_t n, int64_t k, float *dst) {
+  pack_columns(w, (n + NP - 1) / NP, k, dst, [n](int64_t p, int c) -> int64_t {
+    return p * NP + c < n ? p * NP + c : -1;
+  });
 }
 
 // dst [ceil(inter / (NP / 2))][k][NP] from w [2 * inter][k] (gate rows, then up rows): each
@@ -61,17 +67,10 @@ inline void pack_panels(const float *w, int64_t n, int64_t k, float *dst) {
 // outputs; columns past inter are zero. A bias [2 * inter] packs the same way with k = 1.
 inline void pack_panels_gated(const float *w, int64_t inter, int64_t k, float *dst) {
   constexpr int64_t HP = NP / 2;
-  const int64_t panels = (inter + HP - 1) / HP;
-#pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < panels; ++p) {
-    float *panel = dst + p * k * NP;
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int c = 0; c < HP; ++c) {
-        const int64_t col = p * HP + c;
-        panel[kk * NP + c] = col < inter ? w[col * k + kk] : 0.0f;
-        panel[kk * NP + HP + c] = col < inter ? w[(inter + col) * k + kk] : 0.0f;
-      }
-  }
+  pack_columns(w, (inter + HP - 1) / HP, k, dst, [inter](int64_t p, int c) -> int64_t {
+    const int64_t col = p * HP + c % HP;
+    return col >= inter ? -1 : c < HP ? col : inter + col;
+  });
 }
 
 // What a panel's accumulators become: its columns (plain), or silu(gate) * up of a gated
