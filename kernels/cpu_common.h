@@ -65,6 +65,10 @@ inline vf vexp(vf x) {
   return y * scale;
 }
 
+// silu(g) = g / (1 + e^-g): SwiGLU's gate, in the element-wise kernel and the GEMM's epilogue
+// alike (so the fused path is the unfused one bit for bit).
+inline vf vsilu(vf g) { return g / (1.0f + vexp(vf{} - g)); }
+
 // Lane i of v moved to lane i ^ S (pairs S lanes apart swapped).
 template <int S, std::size_t... I>
 inline vf swap_lanes(vf v, std::index_sequence<I...>) {

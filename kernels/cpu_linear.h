@@ -15,7 +15,7 @@
 //
 // A gated projection ([gate; up], SwiGLU's) may be packed so that each panel holds NP / 2 gate
 // columns and the NP / 2 up columns of the same outputs (pack_panels_gated); its GEMM then
-// writes silu(gate) * up straight from the accumulators (linear_panels_gated), so the
+// writes silu(gate) * up straight from the accumulators (linear_panels<Out::silu_gated>): the
 // [rows, 2 * inter] projection never goes to memory and is never read back.
 
 #pragma once
@@ -108,7 +108,7 @@ inline void panel_rows(const float *x, int64_t k, const float *panel, float *y, 
           g += load(pbias + v * W);
           u += load(pbias + (v + H) * W);
         }
-        store(dst + v * W, g / (1.0f + vexp(vf{} - g)) * u);  // as silu_mul (cpu_ops.cpp)
+        store(dst + v * W, vsilu(g) * u);
       }
       if (dst == tmp) std::memcpy(y + r * ldy, tmp, cols * sizeof(float));
     }

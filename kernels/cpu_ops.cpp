@@ -109,7 +109,7 @@ at::Tensor silu_mul(const at::Tensor &gate_up) {
     int64_t c = 0;
     for (; c + W <= inter; c += W) {
       const vf gv = load(g + c);
-      store(o + c, gv / (1.0f + vexp(vf{} - gv)) * load(u + c));
+      store(o + c, vsilu(gv) * load(u + c));
     }
     for (; c < inter; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
   }
