@@ -32,6 +32,7 @@ using modgen::hsum;
 using modgen::load;
 using modgen::store;
 using modgen::vexp;
+using modgen::vsilu;
 using modgen::vf;
 
 // out = weight * h / sqrt(mean(h^2) + eps) per row, where h = x + residual (also written to
