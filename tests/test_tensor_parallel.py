@@ -285,6 +285,34 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, checkpoints, prompts, hf_refer
     assert tokens == [ref[:6] for ref, _ in hf_reference["llama"][:3]]
 
 
+LEAVE_SCRIPT = """
+import os, torch
+import torch.distributed as dist
+from modgen.engine import parallel as par
+par.init(0, 1, f"tcp://127.0.0.1:{par.free_port()}", torch.device("cpu"), 30)
+import torch.distributed.nn.functional  # as transformers' FSDP glue does, on its first config
+dist.broadcast_object_list([("stop", None)], src=0)
+dist.destroy_process_group()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("GLOO THREADS", sum("gloo" in name for name in names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc/self/task")
+def test_leaving_the_group_ends_its_threads_whatever_was_imported_meanwhile():
+    """``torch.distributed.nn.functional`` binds ``group.WORLD`` as a default argument when it
+    is imported: imported while a group is live (transformers does, through its FSDP glue, on
+    the first config it reads) it kept the group and its gloo threads alive after
+    destroy_process_group, and a collective's last reference then died in a gloo thread while
+    the interpreter finalized: the process aborted at exit (torchrun's rank 0, now and then).
+    Joining the group imports it first, so leaving ends the threads."""
+    run = subprocess.run(
+        [sys.executable, "-c", LEAVE_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "GLOO THREADS 0" in run.stdout, run.stdout + run.stderr
+
+
 def test_a_served_engine_whose_rank_dies_answers_503_and_exits_non_zero(checkpoints, tmp_path):
     """``task=serve engine.tensor_parallel=2``: it serves; once rank 1 is killed the request in
     flight gets a 500 naming the rank, /health is 503 and the server exits non-zero (so a

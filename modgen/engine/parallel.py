@@ -130,6 +130,13 @@ def init(
     them waiting no longer (see ``Heartbeat``)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     check_free()
+    # torch.distributed.nn.functional binds ``group.WORLD`` as default arguments when it is
+    # imported. Imported while the group is live (transformers' FSDP glue does, on the first
+    # config it reads) it keeps the group, and its gloo threads, alive past
+    # destroy_process_group; a collective's last reference then dies in a gloo thread while
+    # the interpreter finalizes, which aborts the process at exit. Imported now, it binds None.
+    import torch.distributed.nn.functional  # noqa: F401
+
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
