@@ -26,6 +26,17 @@ class AttentionSpec:
     None for a model without RoPE, or one that does not say."""
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [T, H, D] with ``cos``/``sin`` [T, 1, R] (R <= D: the first R
+    dims rotate, in halves as Hugging Face's rotate_half, the others pass through)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    half = r // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
 @dataclass(kw_only=True)
 class AttentionConfig:
     """Settings every attention backend has (none yet)."""
@@ -83,3 +94,20 @@ class AttentionBackend(ABC):
         ``rope`` is passed only to backends with ``fuses_rope``: they rotate ``q`` and ``k`` by
         it (``x * cos + rotate_half(x) * sin``) before use.
         """
+
+    def write_kv(
+        self,
+        k: torch.Tensor,  # [T, Hkv, D], rotary applied unless fuses_rope
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        batch: RaggedBatch,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Write ``k`` and ``v`` into their slots without attending (a layer whose queries'
+        outputs no one reads: the last layer's rows that need no logits); ``rope`` as in
+        ``forward``. By default in torch, into the layout above; a backend whose cache layout
+        or rotation differs overrides it."""
+        if rope is not None and self.fuses_rope:
+            k = apply_rope(k, *rope)
+        kv_cache[0].index_copy_(0, batch.slot_mapping, k.to(kv_cache[0].dtype))
+        kv_cache[1].index_copy_(0, batch.slot_mapping, v.to(kv_cache[1].dtype))

@@ -20,6 +20,16 @@ from modgen.engine.batch import RaggedBatch
 from modgen.engine.parallel import SINGLE, Parallel
 
 
+@dataclass(frozen=True)
+class Keep:
+    """The rows a layer's output keeps (the last layer's: those that need logits): their flat
+    indices, the batch of them alone (``RaggedBatch.only_rows``) and its attention metadata."""
+
+    rows: torch.Tensor
+    batch: RaggedBatch
+    meta: Any
+
+
 @dataclass
 class Step:
     """What every block of one forward pass shares."""
@@ -34,6 +44,9 @@ class Step:
     """Rotary tables (cos, sin) [T, 1, rotary_dim] of the step's positions; None without RoPE."""
     parallel: Parallel = field(default_factory=lambda: SINGLE)
     """The tensor-parallel ranks the blocks' partial sums are reduced over."""
+    keep: Keep | None = None
+    """Set for a layer whose output is only ``keep.rows`` (of a layout that ``keeps_rows``):
+    every row's keys and values are still written."""
 
 
 def tp_place(arch: Any) -> tuple[int, int]:
@@ -124,6 +137,10 @@ class PositionEncoding(Block):
 class AttentionBlock(Block):
     """Projections around the attention backend: x [T, hidden] -> [T, hidden]."""
 
+    keeps_rows: bool = False
+    """Whether ``forward`` honours ``step.keep``: writes every row's K/V, returns the kept
+    rows' outputs only."""
+
     @abstractmethod
     def forward(
         self, x: torch.Tensor, step: Step, kv_cache: tuple[torch.Tensor, torch.Tensor]
@@ -140,6 +157,12 @@ class FeedForward(Block):
 class LayerLayout(Block):
     """A decoder layer: how its norms, attention and feed-forward blocks and the residual
     stream connect. Made from the architecture and the layer's index."""
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether ``forward`` honours ``step.keep`` (returns the kept rows only); the model
+        then sets it for the last layer. False by default."""
+        return False
 
     @abstractmethod
     def forward(

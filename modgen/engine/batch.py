@@ -41,6 +41,29 @@ class RaggedBatch:
         """B."""
         return self.query_lens.shape[0]
 
+    def only_rows(self, rows: torch.Tensor) -> RaggedBatch:
+        """The batch of the queries at flat rows ``rows`` alone, each a one-token query over
+        its sequence's keys up to its own position (whose K/V this batch writes): for a layer
+        whose other rows' outputs no one reads (the last layer's rows that need no logits)."""
+        seqs = self.seq_index[rows]
+        positions = self.positions[rows]
+        context_lens = positions + 1
+        n = rows.shape[0]
+        return RaggedBatch(
+            input_ids=self.input_ids[rows],
+            positions=positions,
+            seq_index=torch.arange(n, device=rows.device),
+            query_start=torch.arange(n + 1, device=rows.device),
+            query_lens=torch.ones_like(rows),
+            context_lens=context_lens,
+            block_tables=self.block_tables[seqs],
+            slot_mapping=self.slot_mapping[rows],
+            logits_indices=torch.arange(n, device=rows.device),
+            block_size=self.block_size,
+            max_query_len=1,
+            max_context_len=int(context_lens.max()) if n else 0,
+        )
+
 
 def step_inputs(plan: StepPlan, kv: KVAllocator) -> dict[str, Any]:
     """What a step's ragged batch is made of (token ids, chunk starts and lengths, padded block

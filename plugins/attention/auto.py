@@ -78,6 +78,9 @@ class AutoAttention(AttentionBackend):
     def forward(self, q, k, v, kv_cache, batch, meta, scale, sliding_window, rope=None):
         return self._backend().forward(q, k, v, kv_cache, batch, meta, scale, sliding_window, rope)
 
+    def write_kv(self, k, v, kv_cache, batch, rope=None):
+        self._backend().write_kv(k, v, kv_cache, batch, rope)
+
 
 def eligible(spec: AttentionSpec) -> tuple[dict[str, AttentionBackend], list[str]]:
     """The backends (labelled ``name`` or ``name/setting``) that can serve ``spec``, and why the

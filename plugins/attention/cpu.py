@@ -102,3 +102,14 @@ class CpuAttention(AttentionBackend):
             rope=rope,
             isa=self.isa,
         )
+
+    def write_kv(self, k, v, kv_cache, batch, rope=None):
+        """The kernel's own KV write (its RoPE, bit for bit what ``forward`` writes), with no
+        query to attend: ``k`` stands in for the queries' shape."""
+        k_cache, v_cache = kv_cache
+        none = batch.query_start[:1]
+        cpu.paged_attention(
+            k, k_cache, v_cache, none, batch.context_lens[:0], batch.block_tables[:0],
+            batch.block_size, 1.0, None, new_kv=(k, v, batch.slot_mapping), rope=rope,
+            isa=self.isa,
+        )  # fmt: skip

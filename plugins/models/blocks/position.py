@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modgen.attention import apply_rope
 from modgen.blocks import PositionEncoding, register_block
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "longrope", "su")
@@ -53,15 +54,8 @@ def rope_inv_freq(
     return inv_freq, 1.0  # default; dynamic within the configured context
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` [T, H, D] with ``cos``/``sin`` [T, 1, R] (R <= D: the first R
-    dims rotate, in halves as Hugging Face's rotate_half, the others pass through)."""
-    r = cos.shape[-1]
-    if r < x.shape[-1]:
-        return torch.cat((rotate(x[..., :r], cos, sin), x[..., r:]), dim=-1)
-    half = r // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+rotate = apply_rope
+"""Rotary embedding (``modgen.attention.apply_rope``, named as the blocks call it)."""
 
 
 @register_block("position", "rope")
