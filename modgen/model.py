@@ -106,6 +106,12 @@ class ModelSpec:
         experts = self.experts_per_token if self.num_experts else 1
         return self.num_layers * (self.attention_params() + self.mlp_params(experts))
 
+    def skipped_params_per_row(self) -> int:
+        """Of ``active_params_per_token``, those a row that needs no logits skips: the last
+        layer's output projection and MLP (it stops there after its q/k/v projection)."""
+        experts = self.experts_per_token if self.num_experts else 1
+        return self.num_heads * self.head_dim * self.hidden_size + self.mlp_params(experts)
+
     def layer_weight_bytes(self) -> int:
         """Bytes of the decoder layers' weights (every expert)."""
         per_layer = self.attention_params() + self.mlp_params(self.num_experts or 1)

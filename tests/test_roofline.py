@@ -38,11 +38,15 @@ def test_request_cost_counts_linear_head_and_attention():
              head_dim=4)  # fmt: skip
     # per layer: qkv 8*(8+4+4) + o 8*8 + mlp 3*8*16
     assert s.active_params_per_token() == 2 * (8 * 16 + 64 + 384)
+    assert s.skipped_params_per_row() == 64 + 384  # the last layer's o and MLP
     flops, kv_bytes = request_cost(s, prompt=3, output=2)
     tokens = 4  # 3 prompt tokens + 1 generated token fed back
     pairs = 1 + 2 + 3 + 4
-    expected = 2 * s.active_params_per_token() * tokens + 2 * 8 * 10 * 2 + 4 * 2 * 2 * 4 * pairs
-    assert flops == expected
+    # rows at positions 0 and 1 need no logits: in the last layer only their q/k/v projection
+    # runs, and only the rows at 2 and 3 attend (3 and 4 keys)
+    linear = 2 * s.active_params_per_token() * tokens - 2 * (64 + 384) * 2
+    attention = 4 * 2 * 4 * (pairs + (3 + 4))
+    assert flops == linear + 2 * 8 * 10 * 2 + attention
     assert kv_bytes == (4 + tokens) * s.kv_bytes_per_token()  # decode at pos 3 reads 4 + 4 writes
 
 

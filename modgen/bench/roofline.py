@@ -2,8 +2,10 @@
 memory bandwidth, so every bench result says how far it is from what the hardware allows.
 
 The machine is measured once and cached (``python -m modgen.bench.roofline --measure`` redoes
-it). FLOPs count the linear layers for every token run through the model, attention by context
-length (capped by a sliding window), and the LM head only for rows that produce a token. Bytes
+it). FLOPs count the linear layers for every token run through the model (the last layer's output
+projection, MLP and attention only for rows that produce a token, as the engine runs it),
+attention by context length (capped by a sliding window), and the LM head only for rows that
+produce a token. Bytes
 count the weights read once per step and the KV cache each token reads.
 """
 
@@ -29,11 +31,16 @@ MEASURE_COMMAND = "python -m modgen.bench.roofline --measure"
 def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one request run prompt-first then token by token, one step per token."""
     tokens = prompt + max(output - 1, 0)  # the last generated token is never fed back
-    pairs = attention_pairs(0, tokens, spec.sliding_window)
-    flops = 2 * spec.active_params_per_token() * tokens
-    flops += 2 * spec.hidden_size * spec.vocab_size * output
-    flops += 4 * spec.num_layers * spec.num_heads * spec.head_dim * pairs
     window = spec.sliding_window
+    pairs = attention_pairs(0, tokens, window)
+    # rows that produce a token: the prompt's last, then every decode; the others stop in the
+    # last layer after its q/k/v projection
+    sampled = [min(p + 1, window or p + 1) for p in range(tokens - output, tokens)]
+    flops = 2 * (spec.active_params_per_token() * tokens)
+    flops -= 2 * spec.skipped_params_per_row() * (tokens - len(sampled))
+    flops += 2 * spec.hidden_size * spec.vocab_size * output
+    layer_pairs = (spec.num_layers - 1) * pairs + sum(sampled)
+    flops += 4 * spec.num_heads * spec.head_dim * layer_pairs
     ctx = [min(p + 1, window or p + 1) for p in range(prompt, tokens)]
     kv_bytes = (sum(ctx) + tokens) * spec.kv_bytes_per_token()  # decode reads + every write
     return float(flops), float(kv_bytes)

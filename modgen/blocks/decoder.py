@@ -20,7 +20,7 @@ from torch import nn
 from modgen.attention import AttentionBackend, AttentionSpec
 from modgen.blocks import ops as cpu_ops
 from modgen.blocks.hf import as_ids, merge_hf
-from modgen.blocks.interfaces import Block, Step, tp_heads
+from modgen.blocks.interfaces import Block, Keep, Step, tp_heads
 from modgen.blocks.registry import BlockSpec, build_block, get_block
 from modgen.engine.batch import RaggedBatch
 from modgen.engine.parallel import Parallel
@@ -406,9 +406,16 @@ class DecoderLM(CausalLM):
         if self.project_in is not None:
             h = self.project_in(h)
         h = self.position.embed(h, batch.positions)
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
+        last = len(self.layers) - 1
+        rows = batch.logits_indices
+        keep = self.layers[last].keeps_rows and rows.shape[0] < batch.num_tokens
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i == last and keep:  # only the rows that need logits come out of the last layer
+                kept = batch.only_rows(rows)
+                step = replace(step, keep=Keep(rows, kept, attn.prepare(kept)))
             h = layer(h, step, cache)
-        h = h[batch.logits_indices]
+        if not keep:
+            h = h[rows]
         if self.norm is not None:
             h, _ = self.norm(h, self.ops)
         if self.project_out is not None:

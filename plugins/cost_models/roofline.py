@@ -63,6 +63,8 @@ class RooflineCost(CostModel):
         self.bandwidth = (c.bandwidth_gbps or measured["memory_gbps"]) * 1e9  # B/s
         s, n = spec, tensor_parallel
         self.linear_flops_per_token = 2 * s.active_params_per_token() / n
+        self.skipped_flops_per_row = 2 * s.skipped_params_per_row() / n  # rows with no logits
+        self.last_layer_share = 1 / s.num_layers
         self.layer_weight_bytes = s.layer_weight_bytes() / n
         self.head_flops_per_row = 2 * s.hidden_size * s.vocab_size / n
         self.head_bytes = s.hidden_size * s.vocab_size * s.dtype_bytes / n
@@ -80,9 +82,14 @@ class RooflineCost(CostModel):
         c = self.config
         lin, attn = c.linear_efficiency, c.attention_efficiency
         kv = self.kv_bytes_per_key
-        t = self._part(f.num_tokens * self.linear_flops_per_token, self.layer_weight_bytes, lin)
+        linear = f.num_tokens * self.linear_flops_per_token
+        linear -= (f.num_tokens - f.num_logits) * self.skipped_flops_per_row
+        t = self._part(linear, self.layer_weight_bytes, lin)
         t += self._part(f.num_logits * self.head_flops_per_row, self.head_bytes, lin)
-        t += self._part(f.prefill_pairs * self.attn_flops_per_pair, f.prefill_context * kv, attn)
+        # the last layer attends only the rows that produce a token (a prompt chunk's last row
+        # is not counted there: one row of the chunk)
+        pairs = f.prefill_pairs * (1 - self.last_layer_share)
+        t += self._part(pairs * self.attn_flops_per_pair, f.prefill_context * kv, attn)
         t += self._part(f.decode_pairs * self.attn_flops_per_pair, f.decode_pairs * kv, attn)
         n = self.tensor_parallel
         if n > 1:  # two all-reduces per layer (after attention and after the MLP), ring

@@ -27,6 +27,7 @@ class QKVAttention(AttentionBlock):
     columns), and the output projection, split by rows, is summed over the ranks."""
 
     tensor_parallel = True
+    keeps_rows = True
 
     def __init__(
         self,
@@ -96,11 +97,19 @@ class QKVAttention(AttentionBlock):
         scale = self.scale
         if self.prescale:  # OPT scales the projected queries, then attends unscaled
             q, scale = q * scale, 1.0
-        attn, batch, rope = step.attn, step.batch, step.rope
-        if rope is not None and attn.fuses_rope:  # the backend rotates q/k in its KV write
-            o = attn.forward(q, k, v, kv_cache, batch, step.meta, scale, self.window, rope=rope)
+        attn, batch, meta, rope = step.attn, step.batch, step.meta, step.rope
+        fused = rope is not None and attn.fuses_rope  # the backend rotates q/k in its KV write
+        if rope is not None and not fused:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if step.keep is not None:  # every row's K/V; attention for the kept rows only
+            attn.write_kv(k, v, kv_cache, batch, rope if fused else None)
+            rows, batch, meta = step.keep.rows, step.keep.batch, step.keep.meta
+            if rows.shape[0] == 0:  # on every rank alike: no collective to meet
+                return x[:0]
+            q, k, v = q[rows], k[rows], v[rows]
+            rope = (rope[0][rows], rope[1][rows]) if fused else None
+        if fused:
+            o = attn.forward(q, k, v, kv_cache, batch, meta, scale, self.window, rope=rope)
         else:
-            if rope is not None:
-                q, k = rotate(q, *rope), rotate(k, *rope)
-            o = attn.forward(q, k, v, kv_cache, batch, step.meta, scale, self.window)
+            o = attn.forward(q, k, v, kv_cache, batch, meta, scale, self.window)
         return step.parallel.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))

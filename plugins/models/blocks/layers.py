@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from modgen.blocks import LayerLayout, build_block, register_block
+import torch
+
+from modgen.blocks import LayerLayout, Step, build_block, register_block
+
+
+def kept(x: torch.Tensor, step: Step) -> torch.Tensor:
+    """``x``'s rows that the layer's output keeps (all of them unless ``step.keep``)."""
+    return x if step.keep is None else x[step.keep.rows]
 
 
 class _Layer(LayerLayout):
@@ -22,6 +29,10 @@ class _Layer(LayerLayout):
         self.mlp_norm = build_block(arch.norm, arch.hidden_size) if norms == 2 else None
         self.mlp = build_block(arch.mlp[index], arch)
 
+    @property
+    def keeps_rows(self) -> bool:
+        return self.attn.keeps_rows
+
 
 @register_block("layer", "pre_norm")
 class PreNormLayer(_Layer):
@@ -32,8 +43,8 @@ class PreNormLayer(_Layer):
 
     def forward(self, h, step, kv_cache):
         x, _ = self.attn_norm(h, step.ops)
-        y = self.attn(x, step, kv_cache)
-        x, h = self.mlp_norm(y, step.ops, residual=h)
+        y = self.attn(x, step, kv_cache)  # the kept rows only, when step.keep says
+        x, h = self.mlp_norm(y, step.ops, residual=kept(h, step))
         return h + self.mlp(x, step)
 
 
@@ -52,8 +63,10 @@ class ParallelLayer(_Layer):
 
     def forward(self, h, step, kv_cache):
         x, _ = self.attn_norm(h, step.ops)
-        xm = x if self.mlp_norm is None else self.mlp_norm(h, step.ops)[0]
-        return (self.attn(x, step, kv_cache) + self.mlp(xm, step)) + h
+        y = self.attn(x, step, kv_cache)
+        h = kept(h, step)
+        xm = kept(x, step) if self.mlp_norm is None else self.mlp_norm(h, step.ops)[0]
+        return (y + self.mlp(xm, step)) + h
 
 
 @register_block("layer", "post_norm")
@@ -64,6 +77,6 @@ class PostNormLayer(_Layer):
         super().__init__(arch, index, norms=2)
 
     def forward(self, h, step, kv_cache):
-        h, _ = self.attn_norm(self.attn(h, step, kv_cache), step.ops, residual=h)
+        h, _ = self.attn_norm(self.attn(h, step, kv_cache), step.ops, residual=kept(h, step))
         h, _ = self.mlp_norm(self.mlp(h, step), step.ops, residual=h)
         return h
