@@ -45,7 +45,10 @@ def _knobs(name, budget):
 )
 def test_prefix_cache_under_every_scheduler(reqs, name, budget, block_size, extra):
     reqs_, arrivals = _build(reqs)
-    num_blocks = max(-(-(len(p) + g) // block_size) for p, g in reqs_) + extra
+    blocks = [-(-(len(p) + g) // block_size) for p, g in reqs_]
+    # extra < 12: KV for the largest request and a little more (pressure, preemption); 12: for
+    # every request at once, so that nothing but the budget limits a step
+    num_blocks = (max(blocks) if extra < 12 else sum(blocks)) + extra
     engine = make_engine(name, num_blocks=num_blocks, block_size=block_size, allocator="prefix",
                          **_knobs(name, budget))  # fmt: skip
     splitfuse = name.startswith("splitfuse")
