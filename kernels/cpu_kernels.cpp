@@ -10,8 +10,9 @@
 // cpu.py links the library against the one torch loaded). Tiles with many query rows (prompt
 // chunks) vectorise both products over query rows (broadcasting one key or value element at a
 // time); tiles with few (decodes; every KV head of a sequence in one tile when there are enough
-// sequences to fill the threads) take dot products over the head dim. Layouts: see
-// ModgenAttentionCall.
+// sequences to fill the threads) take dot products over the head dim (the AVX-512 build: the
+// query heads that share a KV head as one vector, four dims each, see group_scores). Layouts:
+// see ModgenAttentionCall.
 //
 // Built at run time by modgen/kernels/cpu.py with -DHEAD_DIM=<d>, once per instruction set
 // (cpu.py's ISA table), with no torch headers (half a second); the torch operator
@@ -22,6 +23,10 @@
 // (32 or 16).
 
 #include <omp.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -69,6 +74,14 @@ namespace {
 #ifndef MODGEN_NEXT
 #define MODGEN_NEXT 1
 #endif
+// Grouped decode tiles read a key tile's two halves side by side (group_scores takes four keys
+// from each half a step, decode_pv alternates): two streams in flight instead of one. A loop
+// that only reads scattered 8 KB blocks ran 57 GB/s on both cores reading two blocks side by
+// side and 41 reading one after the other (Zen 5); grouped decode tiles from memory, 5% faster.
+#ifndef MODGEN_ILV
+#define MODGEN_ILV 1
+#endif
+constexpr bool ILV = MODGEN_ILV;
 constexpr int KT = MODGEN_KT;             // keys per tile
 constexpr int MAX_ROWS = 64;              // query rows (query x head) per tile
 constexpr int DECODE_ROWS = 16;           // tiles with fewer rows take the dot-product path
@@ -81,6 +94,8 @@ constexpr int NJ = MODGEN_NJ, ND = MODGEN_ND, NC = NREG >= 32 ? 4 : 2;
 constexpr int RB = NREG >= 32 ? 4 : 2;
 constexpr int CG = DC < (NREG / 2) / RB ? DC : (NREG / 2) / RB;
 static_assert(KT % W == 0 && KT % NJ == 0, "a key tile is whole vectors and whole key blocks");
+static_assert(KT % 8 == 0, "the broadcast scores take keys eight at a time");
+constexpr int QB = HEAD_DIM / 4 > 0 ? HEAD_DIM / 4 : 1;  // head dim in four-float chunks
 
 using namespace modgen;
 
@@ -128,7 +143,9 @@ struct Scratch {
   // decode path (fewer than DECODE_ROWS rows): dot products over the head dim
   vf qv[DECODE_ROWS][DC];       // query rows, pre-scaled
   vf acc[DECODE_ROWS][DC];      // output rows
-  float pk[DECODE_ROWS][KT];    // probabilities of a key tile, per row
+  float pk[DECODE_ROWS][KT];    // probabilities of a key tile, per row (a group's, grouped)
+  vf qb[DECODE_ROWS / RB][QB];  // query rows a group of RB, four dims interleaved (see BCAST)
+  bool grouped[DECODE_ROWS / RB];  // whether the group's scores took the broadcast path
   float m[DECODE_ROWS], l[DECODE_ROWS], alpha[DECODE_ROWS];
   int64_t qpos[DECODE_ROWS];
   // prompt path (many rows): both products vectorised over query rows
@@ -268,19 +285,24 @@ inline bool one_head(const int64_t *hoff, int r0, int n) {
   return true;
 }
 
-// acc[r0 .. r0 + RB)[c0 .. c0 + N) = acc * alpha + p @ v, for nk keys.
-template <int N>
+// acc[r0 .. r0 + RB)[c0 .. c0 + N) = acc * alpha + p @ v, for nk keys; G: the rows' probabilities
+// are in the broadcast path's group layout (one KV head).
+template <int N, bool G = false>
 inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const int64_t *hoff,
                       int nk, const Ahead &pf) {
+  const float *pg = s.pk[r0];
   vf acc[RB][N];
   for (int i = 0; i < RB; ++i)
     for (int c = 0; c < N; ++c) acc[i][c] = s.acc[r0 + i][c0 + c] * s.alpha[r0 + i];
   if (one_head(hoff, r0, RB)) {  // one KV head: share each value load
-    for (int j = 0; j < nk; ++j) {
+    const bool ilv = G && ILV && nk == KT;  // the order group_scores read the keys in
+    for (int jj = 0; jj < nk; ++jj) {
+      const int j = ilv ? (jj % 2 ? KT / 2 + jj / 2 : jj / 2) : jj;
       if (j < pf.n) pf.fetch(pf.v[j]);
       for (int c = 0; c < N; ++c) {
         const vf v = load_chunk(vp[j] + hoff[r0], c0 + c);
-        for (int i = 0; i < RB; ++i) acc[i][c] += s.pk[r0 + i][j] * v;
+        for (int i = 0; i < RB; ++i)
+          acc[i][c] += (G ? pg[(j / 4) * W + 4 * i + j % 4] : s.pk[r0 + i][j]) * v;
       }
     }
   } else {
@@ -359,6 +381,115 @@ inline void decode_softmax_row(const Args &a, Scratch &s, int r, vf *sc, int64_t
   s.alpha[r] = alpha;
 }
 
+// ---- decode scores by four-float broadcasts (AVX-512 and AVX2) ------------------------------
+// A group of RB = W / 4 rows that share one KV head is one vector: lane 4i + e of a key's product
+// holds row i's dims 4c + e times the key's (its four floats broadcast to every row's lanes, one
+// 128-bit load). A key's RB dot products then fold from four lanes to one, and four keys share
+// the folds: three fold steps for four keys of every row, where decode_scores folds W lanes a
+// row (W - 1 steps a row for W keys). The probabilities stay in that layout: s.pk[r0 ..] holds
+// the group's tile as KT / 4 vectors, lane 4i + e of vector h row i's key 4h + e.
+// Four floats at p, repeated over the vector: one broadcast load (GCC 12 turns a four-to-W lane
+// __builtin_shufflevector into a trip through the stack, which made this path 3x slower).
+inline vf bcast4(const float *p) {
+  vf v;
+#if defined(__AVX512F__)
+  const __m512 x = _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+  std::memcpy(&v, &x, sizeof(v));
+#else
+  for (int i = 0; i < W; ++i) v[i] = p[i % 4];
+#endif
+  return v;
+}
+
+// Lanes of the folds, within each group of four: (a, b) -> {a0 + a2, a1 + a3, b0 + b2, b1 + b3}
+// (two keys' four partial sums to two each), then (c, d) -> {c0 + c1, c2 + c3, d0 + d1, d2 + d3}.
+constexpr int half_lane(int i, int hi) {
+  return i % 4 < 2 ? i / 4 * 4 + i % 4 + 2 * hi : W + i / 4 * 4 + i % 4 - 2 + 2 * hi;
+}
+constexpr int pair_lane(int i, int hi) {
+  return i % 4 < 2 ? i / 4 * 4 + 2 * (i % 4) + hi : W + i / 4 * 4 + 2 * (i % 4 - 2) + hi;
+}
+template <std::size_t... I>
+inline vf fold_half(vf a, vf b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, half_lane(I, 0)...) +
+         __builtin_shufflevector(a, b, half_lane(I, 1)...);
+}
+template <std::size_t... I>
+inline vf fold_pair(vf c, vf d, std::index_sequence<I...>) {
+  return __builtin_shufflevector(c, d, pair_lane(I, 0)...) +
+         __builtin_shufflevector(c, d, pair_lane(I, 1)...);
+}
+
+// Scores of group grp (rows sharing the KV head at hoff) against a key tile: sc[h], lane 4i + e,
+// is row i's score of key 4h + e. Eight keys at a time, each its own accumulator (eight FMA
+// chains in flight), with one key's prefetch in each of the first eight dim steps.
+inline void group_scores(const Scratch &s, int grp, const float *const *kp, int64_t hoff,
+                         vf *sc, const Ahead &pf) {
+  constexpr auto lanes = std::make_index_sequence<W>{};
+  for (int t = 0; t < KT / 8; ++t) {
+    // step t's keys: four from each half of the tile (ILV), or eight in a row
+    int key[8];
+    for (int j = 0; j < 8; ++j) key[j] = ILV ? (j < 4 ? 4 * t + j : KT / 2 + 4 * t + j - 4) : 8 * t + j;
+    const float *k[8];
+    for (int j = 0; j < 8; ++j) k[j] = kp[key[j]] + hoff;
+    vf acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = s.qb[grp][0] * bcast4(k[j]);
+    for (int c = 1; c < QB; ++c) {
+      if (c <= 8 && key[c - 1] < pf.n) pf.fetch(pf.k[key[c - 1]]);
+      const vf q = s.qb[grp][c];
+      for (int j = 0; j < 8; ++j) acc[j] += q * bcast4(k[j] + 4 * c);
+    }
+    if constexpr (QB < 9)
+      for (int j = QB - 1; j < 8; ++j)
+        if (key[j] < pf.n) pf.fetch(pf.k[key[j]]);
+    sc[key[0] / 4] = fold_pair(fold_half(acc[0], acc[1], lanes), fold_half(acc[2], acc[3], lanes), lanes);
+    sc[key[4] / 4] =
+        fold_pair(fold_half(acc[4], acc[5], lanes), fold_half(acc[6], acc[7], lanes), lanes);
+  }
+}
+
+// The group's online-softmax update from its scores sc (group_scores' layout): probabilities
+// into s.pk[r0 ..] in the same layout, each row's rescale into s.alpha.
+inline void group_softmax(const Args &a, Scratch &s, int r0, vf *sc, int64_t p0, int nk,
+                          bool partial) {
+  constexpr int NV = KT / 4;
+  constexpr auto lanes = std::make_index_sequence<W>{};
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (partial) {
+    for (int i = 0; i < RB; ++i) {
+      const int64_t qp = s.qpos[r0 + i];
+      for (int j = 0; j < KT; ++j) {
+        const int64_t kpos = p0 + j;
+        if (!(j < nk && kpos <= qp && (a.window <= 0 || kpos > qp - a.window)))
+          sc[j / 4][4 * i + j % 4] = neg_inf;
+      }
+    }
+  }
+  vf mx = sc[0];
+  for (int h = 1; h < NV; ++h) mx = sc[h] > mx ? sc[h] : mx;
+  mx = swap_lanes<2>(mx, lanes) > mx ? swap_lanes<2>(mx, lanes) : mx;
+  mx = swap_lanes<1>(mx, lanes) > mx ? swap_lanes<1>(mx, lanes) : mx;  // a row's max, 4 lanes
+  vf m_old;
+  for (int x = 0; x < W; ++x) m_old[x] = s.m[r0 + x / 4];
+  const vf m_new = mx > m_old ? mx : m_old;
+  const vf m_safe = m_new == neg_inf ? vf{} : m_new;  // rows that see no key yet
+  vf sum = vf{};
+  float *p = s.pk[r0];
+  for (int h = 0; h < NV; ++h) {
+    const vf pr = sc[h] == neg_inf ? vf{} : vexp(sc[h] - m_safe);
+    store(p + h * W, pr);
+    sum += pr;
+  }
+  sum += swap_lanes<2>(sum, lanes);
+  sum += swap_lanes<1>(sum, lanes);
+  const vf alpha = m_old == neg_inf ? vf{} : vexp(m_old - m_safe);
+  for (int i = 0; i < RB; ++i) {
+    s.l[r0 + i] = s.l[r0 + i] * alpha[4 * i] + sum[4 * i];
+    s.m[r0 + i] = m_new[4 * i];
+    s.alpha[r0 + i] = alpha[4 * i];
+  }
+}
+
 // Rows sharing one KV head take their scores GQ at a time (GQ divides RB, so rows_pad is whole
 // groups); a group whose rows straddle two KV heads (fewer query heads per KV head than GQ)
 // takes them one row at a time. On Zen 4, four at a time made AVX-512 decode tiles 0-13%
@@ -369,11 +500,30 @@ inline void decode_softmax_row(const Args &a, Scratch &s, int r, vf *sc, int64_t
 constexpr int GQ = MODGEN_GQ;
 static_assert(RB % GQ == 0, "score groups tile the padded rows");
 
+// Whether one-head groups take the broadcast path (group_scores; MODGEN_BCAST=0: never): the
+// AVX-512 build only. On Zen 5, interleaved with the dot-product path, AVX-512 decode tiles ran
+// 10-20% faster on keys in cache and the same on keys from memory; the AVX2 build (RB = 2) ran
+// 5-10% faster in cache and 10% slower from memory (twice the loads a key), so it keeps the
+// dot products.
+#ifndef MODGEN_BCAST
+#define MODGEN_BCAST 1
+#endif
+constexpr bool BCAST = MODGEN_BCAST && W == 16 && RB * 4 == W && HEAD_DIM % 4 == 0 && GQ == RB;
+
 inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const float *const *kp,
                                 const int64_t *hoff, int64_t p0, int nk, bool partial,
                                 const Ahead &pf) {
   vf sc[GQ][KT / W];
   for (int r0 = 0; r0 < rows_pad; r0 += GQ) {
+    if constexpr (BCAST) {
+      s.grouped[r0 / RB] = one_head(hoff, r0, GQ);
+      if (s.grouped[r0 / RB]) {
+        vf sg[KT / 4];
+        group_scores(s, r0 / RB, kp, hoff[r0], sg, r0 == 0 ? pf : no_ahead);
+        group_softmax(a, s, r0, sg, p0, nk, partial);
+        continue;
+      }
+    }
     if (one_head(hoff, r0, GQ)) {
       decode_scores<GQ>(s, r0, kp, hoff[r0], sc, r0 == 0 ? pf : no_ahead);
       for (int i = 0; i < GQ; ++i) decode_softmax_row(a, s, r0 + i, sc[i], p0, nk, partial);
@@ -425,6 +575,9 @@ void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
     float row[DP] = {};
     load_query(a, a.query_start[it.seq] + qi, head, row);
     for (int c = 0; c < DC; ++c) s.qv[r][c] = load(row + c * W);
+    if constexpr (BCAST)
+      for (int c = 0; c < QB; ++c)
+        for (int e = 0; e < 4; ++e) s.qb[r / RB][c][4 * (r % RB) + e] = row[4 * c + e];
     hoff[r] = kvh * HEAD_DIM;
     s.qpos[r] = ctx - qlen + qi;
     s.m[r] = -std::numeric_limits<float>::infinity();
@@ -458,11 +611,20 @@ void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
       decode_tile_softmax(a, s, rows_pad, kp, hoff, p0, nk, partial, pf);
     for (int c0 = 0; c0 + CG <= DC; c0 += CG)
-      for (int r0 = 0; r0 < rows_pad; r0 += RB)
-        decode_pv<CG>(s, r0, c0, vp, hoff, nk, r0 == 0 && c0 == 0 ? pf : no_ahead);
+      for (int r0 = 0; r0 < rows_pad; r0 += RB) {
+        const Ahead &ahead_v = r0 == 0 && c0 == 0 ? pf : no_ahead;
+        if (BCAST && s.grouped[r0 / RB])
+          decode_pv<CG, true>(s, r0, c0, vp, hoff, nk, ahead_v);
+        else
+          decode_pv<CG>(s, r0, c0, vp, hoff, nk, ahead_v);
+      }
     if constexpr (DC % CG != 0)
-      for (int r0 = 0; r0 < rows_pad; r0 += RB)
-        decode_pv<DC % CG>(s, r0, DC - DC % CG, vp, hoff, nk, no_ahead);
+      for (int r0 = 0; r0 < rows_pad; r0 += RB) {
+        if (BCAST && s.grouped[r0 / RB])
+          decode_pv<DC % CG, true>(s, r0, DC - DC % CG, vp, hoff, nk, no_ahead);
+        else
+          decode_pv<DC % CG>(s, r0, DC - DC % CG, vp, hoff, nk, no_ahead);
+      }
   }
 
   for (int r = 0; r < rows; ++r) {
