@@ -5,11 +5,14 @@
 //
 // Each thread streams a contiguous run of panels; within a panel, rows go MR at a time, MR x 2
 // accumulator vectors, each input element broadcast once against the panel's two vectors. While
-// a panel's first rows run, the next panel is prefetched a few lines a step, so its weights
-// arrive while this one computes. On the Zen 4 of docs/notes.md, with the weights out of cache as
-// they are in a model (other layers' weights run between two uses), this ran 1.3-1.4x oneDNN's
-// rate at 16 rows and 1.5-2x at 8 (decode steps); within 10% of it from 64 rows up. Knobs for
-// experiments (-D at build time): MODGEN_NPV vectors a panel, MODGEN_MR rows a register block
+// a panel runs, the next panel is prefetched a few lines a step, spread over the panel's register
+// blocks of rows (all of them up to two, else the first half), so its weights arrive while this
+// one computes. On the Zen 4 of docs/notes.md, with the weights out of cache as they are in a
+// model (other layers' weights run between two uses), this ran 1.3-1.4x oneDNN's rate at 16
+// rows and 1.5-2x at 8 (decode steps); within 10% of it from 64 rows up. On Zen 5, spreading the
+// prefetch (it was all asked for during the first block) made 16-row GEMMs 0-14% faster and
+// 64-row ones 3-5%. Knobs for experiments (-D at build time): MODGEN_NPV vectors a panel,
+// MODGEN_MR rows a register block, MODGEN_PFSPREAD=0 the prefetch in the first block only
 // (three vectors a panel, 12-row blocks, and passes of 64-256 rows over the panels were within
 // the machine's noise of the defaults).
 //
@@ -35,6 +38,9 @@ namespace modgen {
 #endif
 #ifndef MODGEN_MR
 #define MODGEN_MR (NREG >= 32 ? 8 : 6)
+#endif
+#ifndef MODGEN_PFSPREAD
+#define MODGEN_PFSPREAD 1
 #endif
 constexpr int NPV = MODGEN_NPV;          // vectors a panel
 constexpr int NP = NPV * W;              // output columns a panel
@@ -157,14 +163,20 @@ inline void linear_panels(const float *x, int64_t m, int64_t k, const float *pac
       const int64_t p = i / groups, g = i % groups;
       const int64_t m0 = blocks * g / groups * MR, m1 = std::min(m, blocks * (g + 1) / groups * MR);
       const float *panel = packed + p * k * NP;
-      // the next panel, prefetched during this item's first rows when this thread runs it next
+      // the next panel, prefetched during this item's rows when this thread runs it next
       const float *ahead = i + 1 < i1 && (i + 1) / groups != p ? panel + k * NP : nullptr;
       const int cols = n - p * OC < OC ? static_cast<int>(n - p * OC) : static_cast<int>(OC);
       const float *pbias = O == Out::silu_gated && bias != nullptr ? bias + p * NP : nullptr;
-      for (int64_t r0 = m0; r0 < m1; r0 += MR) {
+      const int64_t nb = (m1 - m0 + MR - 1) / MR;  // register blocks in this item
+      for (int64_t r0 = m0, b = 0; r0 < m1; r0 += MR, ++b) {
         const int rows = m1 - r0 < MR ? static_cast<int>(m1 - r0) : MR;
+        // this block's share of the next panel's lines
+        const int64_t nbp = MODGEN_PFSPREAD ? (nb <= 2 ? nb : (nb + 1) / 2) : 1;
+        const int64_t l0 = b < nbp ? lines * b / nbp : lines;
+        const int64_t l1 = b < nbp ? lines * (b + 1) / nbp : lines;
         panel_block<MR, O>(rows, x + r0 * k, k, panel, y + r0 * n + p * OC, n, cols,
-                           r0 == m0 ? ahead : nullptr, lines, pbias);
+                           ahead != nullptr && l1 > l0 ? ahead + l0 * (64 / sizeof(float)) : nullptr,
+                           l1 - l0, pbias);
       }
       if (O == Out::plain && bias != nullptr)
         for (int64_t r = m0; r < m1; ++r)
