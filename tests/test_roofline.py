@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from modgen.bench import roofline as rf
@@ -79,3 +81,20 @@ def test_machine_figures_measured_beside_busy_processes_are_not_cached(
     assert (tmp_path / "machine.json").exists() and len(measured) == 2
     rf.machine()  # read back from the cache
     assert len(measured) == 2
+
+
+def test_the_machine_rate_is_the_best_gemm_the_engine_may_run():
+    m = rf.measure_machine(size=128, repeats=1)
+    assert {"torch.mm", "modgen"} <= set(m["matmul_gflops_by_gemm"])  # the C++ GEMM builds here
+    assert m["matmul_gflops"] == max(m["matmul_gflops_by_gemm"].values())
+    assert m["format"] == rf.MEASURE_FORMAT
+
+
+def test_a_cached_measurement_of_another_format_is_taken_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODGEN_CACHE", str(tmp_path))
+    old = {"matmul_gflops": 1.0, "memory_gbps": 1.0, "fingerprint": fingerprint(), "format": 1}
+    (tmp_path / "machine.json").write_text(json.dumps(old))
+    new = {"matmul_gflops": 150.0, "memory_gbps": 30.0, "fingerprint": fingerprint()}
+    monkeypatch.setattr(rf, "measure_machine", lambda: new)
+    assert rf.machine()["matmul_gflops"] == 150.0
+    assert rf.machine()["format"] == rf.MEASURE_FORMAT  # cached in the current format

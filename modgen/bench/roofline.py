@@ -21,11 +21,15 @@ import torch
 
 from modgen import machine as this_machine
 from modgen.engine.costs import attention_pairs
+from modgen.kernels import cpu as cpu_kernels
 from modgen.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
 MEASURE_COMMAND = "python -m modgen.bench.roofline --measure"
+MEASURE_FORMAT = 2
+"""What the measurement covers; a cached one of another format is measured again (2: modgen's
+own GEMM among the matmuls, 1: torch's and oneDNN's)."""
 
 
 def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, float]:
@@ -47,15 +51,20 @@ def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, floa
 
 
 def measure_machine(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
-    """Best fp32 matmul rate (torch's GEMM, or oneDNN's on a packed weight where it is faster:
-    the engine may run either) and memory read bandwidth over a few repeats, with torch's
-    threads."""
+    """Best fp32 matmul rate (torch's GEMM, oneDNN's on a packed weight, or modgen's own packed
+    GEMM where its C++ kernels build: the engine may run any of them) and memory read bandwidth
+    over a few repeats, with torch's threads."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     gemms = {"torch.mm": lambda: torch.mm(a, b)}
     mkldnn = torch.ops.mkldnn
     if torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise"):
         packed = mkldnn._reorder_linear_weight(b.t().contiguous(), None)
         gemms["onednn"] = lambda: mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    try:
+        panels = cpu_kernels.pack_linear(b.t().contiguous())  # a weight [out, in] = b^T
+        gemms["modgen"] = lambda: cpu_kernels.linear(a, panels, size)
+    except cpu_kernels.KernelBuildError as err:
+        log.info("roofline: modgen's GEMM is not measured (%s)", err)
     rates = {}
     for name, fn in gemms.items():
         fn()
@@ -64,6 +73,7 @@ def measure_machine(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
     big.sum()
     read = min(_timed(big.sum) for _ in range(repeats))
     return {
+        "format": MEASURE_FORMAT,
         "matmul_gflops": max(rates.values()),
         "matmul_gflops_by_gemm": rates,
         "memory_gbps": big.numel() * 4 / read / 1e9,
@@ -86,7 +96,10 @@ def machine(refresh: bool = False) -> dict[str, Any]:
     cache = this_machine.cache_root() / "machine.json"
     if not refresh and cache.is_file():
         data = json.loads(cache.read_text())
-        if data.get("fingerprint") == this_machine.fingerprint():
+        if (data.get("fingerprint"), data.get("format")) == (
+            this_machine.fingerprint(),
+            MEASURE_FORMAT,
+        ):
             return data
     with this_machine.OtherLoad() as load:
         data = measure_machine()
@@ -98,7 +111,7 @@ def machine(refresh: bool = False) -> dict[str, Any]:
         )
         return data
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(data, indent=1))
+    cache.write_text(json.dumps({**data, "format": MEASURE_FORMAT}, indent=1))
     return data
 
 
