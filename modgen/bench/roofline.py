@@ -15,21 +15,23 @@ import argparse
 import json
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
 
 from modgen import machine as this_machine
+from modgen.blocks.ops import OpsUnavailable, linear_layouts, with_layout
 from modgen.engine.costs import attention_pairs
-from modgen.kernels import cpu as cpu_kernels
 from modgen.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
 MEASURE_COMMAND = "python -m modgen.bench.roofline --measure"
 MEASURE_FORMAT = 2
-"""What the measurement covers; a cached one of another format is measured again (2: modgen's
-own GEMM among the matmuls, 1: torch's and oneDNN's)."""
+"""What the measurement covers; a cached one of another format is measured again (2: every
+linear layout among the matmuls, 1: torch's and oneDNN's)."""
 
 
 def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, float]:
@@ -50,21 +52,20 @@ def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, floa
     return float(flops), float(kv_bytes)
 
 
+@torch.inference_mode()
 def measure_machine(size: int = 2048, repeats: int = 5) -> dict[str, Any]:
-    """Best fp32 matmul rate (torch's GEMM, oneDNN's on a packed weight, or modgen's own packed
-    GEMM where its C++ kernels build: the engine may run any of them) and memory read bandwidth
+    """Best fp32 matmul rate (torch.mm, or any linear layout the engine may run: oneDNN's,
+    modgen's own packed GEMM, a plugin's, each where it runs here) and memory read bandwidth
     over a few repeats, with torch's threads."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     gemms = {"torch.mm": lambda: torch.mm(a, b)}
-    mkldnn = torch.ops.mkldnn
-    if torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise"):
-        packed = mkldnn._reorder_linear_weight(b.t().contiguous(), None)
-        gemms["onednn"] = lambda: mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-    try:
-        panels = cpu_kernels.pack_linear(b.t().contiguous())  # a weight [out, in] = b^T
-        gemms["modgen"] = lambda: cpu_kernels.linear(a, panels, size)
-    except cpu_kernels.KernelBuildError as err:
-        log.info("roofline: modgen's GEMM is not measured (%s)", err)
+    for name in linear_layouts():
+        linear = nn.Linear(size, size, bias=False)
+        linear.weight.data = b.t().contiguous()
+        try:
+            gemms[name] = partial(with_layout(linear, name), a)
+        except OpsUnavailable as err:
+            log.info("roofline: linear layout %s is not measured here (%s)", name, err)
     rates = {}
     for name, fn in gemms.items():
         fn()
