@@ -145,7 +145,6 @@ struct Scratch {
   vf acc[DECODE_ROWS][DC];      // output rows
   float pk[DECODE_ROWS][KT];    // probabilities of a key tile, per row (a group's, grouped)
   vf qb[DECODE_ROWS / RB][QB];  // query rows a group of RB, four dims interleaved (see BCAST)
-  bool grouped[DECODE_ROWS / RB];  // whether the group's scores took the broadcast path
   float m[DECODE_ROWS], l[DECODE_ROWS], alpha[DECODE_ROWS];
   int64_t qpos[DECODE_ROWS];
   // prompt path (many rows): both products vectorised over query rows
@@ -381,7 +380,7 @@ inline void decode_softmax_row(const Args &a, Scratch &s, int r, vf *sc, int64_t
   s.alpha[r] = alpha;
 }
 
-// ---- decode scores by four-float broadcasts (AVX-512 and AVX2) ------------------------------
+// ---- decode scores by four-float broadcasts (the AVX-512 build, see BCAST) -------------------
 // A group of RB = W / 4 rows that share one KV head is one vector: lane 4i + e of a key's product
 // holds row i's dims 4c + e times the key's (its four floats broadcast to every row's lanes, one
 // 128-bit load). A key's RB dot products then fold from four lanes to one, and four keys share
@@ -429,7 +428,8 @@ inline void group_scores(const Scratch &s, int grp, const float *const *kp, int6
   for (int t = 0; t < KT / 8; ++t) {
     // step t's keys: four from each half of the tile (ILV), or eight in a row
     int key[8];
-    for (int j = 0; j < 8; ++j) key[j] = ILV ? (j < 4 ? 4 * t + j : KT / 2 + 4 * t + j - 4) : 8 * t + j;
+    for (int j = 0; j < 8; ++j)
+      key[j] = ILV ? (j < 4 ? 4 * t + j : KT / 2 + 4 * t + j - 4) : 8 * t + j;
     const float *k[8];
     for (int j = 0; j < 8; ++j) k[j] = kp[key[j]] + hoff;
     vf acc[8];
@@ -442,9 +442,9 @@ inline void group_scores(const Scratch &s, int grp, const float *const *kp, int6
     if constexpr (QB < 9)
       for (int j = QB - 1; j < 8; ++j)
         if (key[j] < pf.n) pf.fetch(pf.k[key[j]]);
-    sc[key[0] / 4] = fold_pair(fold_half(acc[0], acc[1], lanes), fold_half(acc[2], acc[3], lanes), lanes);
-    sc[key[4] / 4] =
-        fold_pair(fold_half(acc[4], acc[5], lanes), fold_half(acc[6], acc[7], lanes), lanes);
+    for (int h = 0; h < 2; ++h)  // keys key[4h .. 4h + 3]: four in a row
+      sc[key[4 * h] / 4] = fold_pair(fold_half(acc[4 * h], acc[4 * h + 1], lanes),
+                                     fold_half(acc[4 * h + 2], acc[4 * h + 3], lanes), lanes);
   }
 }
 
@@ -515,14 +515,11 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
                                 const Ahead &pf) {
   vf sc[GQ][KT / W];
   for (int r0 = 0; r0 < rows_pad; r0 += GQ) {
-    if constexpr (BCAST) {
-      s.grouped[r0 / RB] = one_head(hoff, r0, GQ);
-      if (s.grouped[r0 / RB]) {
-        vf sg[KT / 4];
-        group_scores(s, r0 / RB, kp, hoff[r0], sg, r0 == 0 ? pf : no_ahead);
-        group_softmax(a, s, r0, sg, p0, nk, partial);
-        continue;
-      }
+    if (BCAST && one_head(hoff, r0, GQ)) {  // (GQ = RB: the group is a register block)
+      vf sg[KT / 4];
+      group_scores(s, r0 / RB, kp, hoff[r0], sg, r0 == 0 ? pf : no_ahead);
+      group_softmax(a, s, r0, sg, p0, nk, partial);
+      continue;
     }
     if (one_head(hoff, r0, GQ)) {
       decode_scores<GQ>(s, r0, kp, hoff[r0], sc, r0 == 0 ? pf : no_ahead);
@@ -613,14 +610,14 @@ void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
     for (int c0 = 0; c0 + CG <= DC; c0 += CG)
       for (int r0 = 0; r0 < rows_pad; r0 += RB) {
         const Ahead &ahead_v = r0 == 0 && c0 == 0 ? pf : no_ahead;
-        if (BCAST && s.grouped[r0 / RB])
+        if (BCAST && one_head(hoff, r0, RB))  // probabilities in group_softmax's layout
           decode_pv<CG, true>(s, r0, c0, vp, hoff, nk, ahead_v);
         else
           decode_pv<CG>(s, r0, c0, vp, hoff, nk, ahead_v);
       }
     if constexpr (DC % CG != 0)
       for (int r0 = 0; r0 < rows_pad; r0 += RB) {
-        if (BCAST && s.grouped[r0 / RB])
+        if (BCAST && one_head(hoff, r0, RB))
           decode_pv<DC % CG, true>(s, r0, DC - DC % CG, vp, hoff, nk, no_ahead);
         else
           decode_pv<DC % CG>(s, r0, DC - DC % CG, vp, hoff, nk, no_ahead);

@@ -174,9 +174,9 @@ inline void linear_panels(const float *x, int64_t m, int64_t k, const float *pac
         const int64_t nbp = MODGEN_PFSPREAD ? (nb <= 2 ? nb : (nb + 1) / 2) : 1;
         const int64_t l0 = b < nbp ? lines * b / nbp : lines;
         const int64_t l1 = b < nbp ? lines * (b + 1) / nbp : lines;
-        panel_block<MR, O>(rows, x + r0 * k, k, panel, y + r0 * n + p * OC, n, cols,
-                           ahead != nullptr && l1 > l0 ? ahead + l0 * (64 / sizeof(float)) : nullptr,
-                           l1 - l0, pbias);
+        const float *pf = ahead != nullptr && l1 > l0 ? ahead + l0 * 64 / sizeof(float) : nullptr;
+        panel_block<MR, O>(rows, x + r0 * k, k, panel, y + r0 * n + p * OC, n, cols, pf, l1 - l0,
+                           pbias);
       }
       if (O == Out::plain && bias != nullptr)
         for (int64_t r = m0; r < m1; ++r)
