@@ -5,14 +5,15 @@
 //
 // Each thread streams a contiguous run of panels; within a panel, rows go MR at a time, MR x 2
 // accumulator vectors, each input element broadcast once against the panel's two vectors. While
-// a panel runs, the next panel is prefetched a few lines a step, spread over the panel's register
-// blocks of rows (all of them up to two, else the first half), so its weights arrive while this
+// a panel runs, the next panel is prefetched a few lines a step (AVX-512: spread over its register
+// blocks of rows, all of them up to two, else the first half), so its weights arrive while this
 // one computes. On the Zen 4 of docs/notes.md, with the weights out of cache as they are in a
 // model (other layers' weights run between two uses), this ran 1.3-1.4x oneDNN's rate at 16
 // rows and 1.5-2x at 8 (decode steps); within 10% of it from 64 rows up. On Zen 5, spreading the
-// prefetch (it was all asked for during the first block) made 16-row GEMMs 0-14% faster and
-// 64-row ones 3-5%. Knobs for experiments (-D at build time): MODGEN_NPV vectors a panel,
-// MODGEN_MR rows a register block, MODGEN_PFSPREAD=0 the prefetch in the first block only
+// prefetch (it was all asked for during the first block) made AVX-512 GEMMs of 16 rows 0-14%
+// faster and of 64 rows 3-5%, but the AVX2 build's 1-5% slower, so only the AVX-512 build
+// spreads it. Knobs for experiments (-D at build time): MODGEN_NPV vectors a panel,
+// MODGEN_MR rows a register block, MODGEN_PFSPREAD=0/1 the prefetch in the first block or spread
 // (three vectors a panel, 12-row blocks, and passes of 64-256 rows over the panels were within
 // the machine's noise of the defaults).
 //
@@ -40,7 +41,7 @@ namespace modgen {
 #define MODGEN_MR (NREG >= 32 ? 8 : 6)
 #endif
 #ifndef MODGEN_PFSPREAD
-#define MODGEN_PFSPREAD 1
+#define MODGEN_PFSPREAD (W == 16)  // the AVX-512 build (see above)
 #endif
 constexpr int NPV = MODGEN_NPV;          // vectors a panel
 constexpr int NP = NPV * W;              // output columns a panel
