@@ -5,8 +5,7 @@ The machine is measured once and cached (``python -m modgen.bench.roofline --mea
 it). FLOPs count the linear layers for every token run through the model (the last layer's output
 projection, MLP and attention only for rows that produce a token, as the engine runs it),
 attention by context length (capped by a sliding window), and the LM head only for rows that
-produce a token. Bytes
-count the weights read once per step and the KV cache each token reads.
+produce a token. Bytes count the weights read once per step and the KV cache each token reads.
 """
 
 from __future__ import annotations
@@ -39,15 +38,19 @@ def request_cost(spec: ModelSpec, prompt: int, output: int) -> tuple[float, floa
     tokens = prompt + max(output - 1, 0)  # the last generated token is never fed back
     window = spec.sliding_window
     pairs = attention_pairs(0, tokens, window)
+
+    def keys_seen(p: int) -> int:  # by the row at position p
+        return min(p + 1, window or p + 1)
+
     # rows that produce a token: the prompt's last, then every decode; the others stop in the
     # last layer after its q/k/v projection
-    sampled = [min(p + 1, window or p + 1) for p in range(tokens - output, tokens)]
+    sampled = [keys_seen(p) for p in range(tokens - output, tokens)]
     flops = 2 * (spec.active_params_per_token() * tokens)
     flops -= 2 * spec.skipped_params_per_row() * (tokens - len(sampled))
     flops += 2 * spec.hidden_size * spec.vocab_size * output
     layer_pairs = (spec.num_layers - 1) * pairs + sum(sampled)
     flops += 4 * spec.num_heads * spec.head_dim * layer_pairs
-    ctx = [min(p + 1, window or p + 1) for p in range(prompt, tokens)]
+    ctx = [keys_seen(p) for p in range(prompt, tokens)]
     kv_bytes = (sum(ctx) + tokens) * spec.kv_bytes_per_token()  # decode reads + every write
     return float(flops), float(kv_bytes)
 
