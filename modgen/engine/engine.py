@@ -14,7 +14,7 @@ from modgen import registry
 from modgen.config import EngineConfig, typed
 from modgen.cpu_tuning import keep_allocations_on_heap
 from modgen.engine.clock import Clock
-from modgen.engine.executor import Executor, ExecutorContext
+from modgen.engine.executor import Executor, ExecutorContext, step_features
 from modgen.engine.kv import KVAllocator
 from modgen.engine.probe import StepProbe
 from modgen.engine.scheduling import Scheduler, StepPlan
@@ -264,9 +264,12 @@ class Engine:
             if chunk.seq.metrics.first_scheduled_time is None:
                 chunk.seq.metrics.first_scheduled_time = t0
         stats = self._step_stats(plan, t0)
+        features = step_features(plan, self.spec.sliding_window)
         done = [c.seq for c in plan.chunks if c.completes]
         try:
+            t_run = self.clock.now()
             tokens = self.executor.execute(plan, [self._banned(s) for s in done])
+            self.scheduler.observe(features, self.clock.now() - t_run)
         except Exception as exc:
             log.exception("the step failed: failing its %d requests", len(plan))
             ran = [c.seq for c in plan.chunks]

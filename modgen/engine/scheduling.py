@@ -14,11 +14,14 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modgen.engine.kv import KVAllocator
 from modgen.engine.sequence import SeqStatus, Sequence
 from modgen.sampling_params import BadRequestError
+
+if TYPE_CHECKING:  # costs imports the model description, which imports this module
+    from modgen.engine.costs import StepFeatures
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,12 @@ class Scheduler(ABC):
         simulated one; see ``modgen.engine.probe``), and ``shape``: what identifies that executor
         and model (for a cached decision). A scheduler with settings chosen by measurement (e.g.
         SplitFuse's token budget) chooses them here; by default there are none."""
+
+    def observe(self, features: StepFeatures, seconds: float) -> None:  # noqa: B027 (optional)
+        """Called by the engine after each step that ran: what the step held (``features``,
+        read before its sequences advanced) and how long the executor took by the engine's
+        clock (measured, or predicted by a simulated executor). A policy that sizes steps by
+        time learns here; by default nothing."""
 
     @abstractmethod
     def schedule(self) -> StepPlan:
