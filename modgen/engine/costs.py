@@ -3,7 +3,9 @@
 A step's time depends on few things: tokens through the linear layers, rows that need logits,
 query-key pairs of attention (prompt chunks and decodes apart: the first is compute-bound, the
 second reads the KV cache) and how many sequences it carries. ``StepFeatures.of`` reads them off
-a ``StepPlan``; a ``CostModel`` (registry kind ``cost_model``) turns them into seconds.
+a ``StepPlan``; a ``CostModel`` (registry kind ``cost_model``) turns them into seconds, and a
+``StepTimeFit`` learns them from the steps an engine runs (for a scheduler that sizes steps by
+time).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from modgen.model import ModelSpec
 
@@ -102,3 +106,71 @@ class CostModel(ABC):
     def describe(self) -> str:
         """A line for the engine's log."""
         return type(self).__name__
+
+
+class StepTimeFit:
+    """A step's seconds as a linear function of its features, learnt online from the steps an
+    engine ran: ``seconds ~ c0 + c1*num_tokens + c2*num_logits + c3*prefill_pairs +
+    c4*decode_pairs``: a fixed cost (weights streamed once a step, the loop), linear layers per
+    token, the LM head and sampling per produced token, prompt attention per query-key pair
+    (compute), decode attention per key read (memory).
+
+    Least squares weighted to the recent steps (an observation's weight halves every
+    ``half_life`` steps, so the fit follows a machine whose speed drifts), slopes kept >= 0 (a
+    feature that would get a negative slope is left out), and a small ridge so that features
+    that never varied do not make it singular. ``predict`` answers None until ``min_steps``
+    steps were seen."""
+
+    _SCALE = np.array([1.0, 1e-2, 1e-1, 1e-5, 1e-4])  # features to similar magnitudes
+
+    def __init__(self, half_life: float = 256, min_steps: int = 8, ridge: float = 1e-6) -> None:
+        if half_life <= 0 or min_steps < 1:
+            raise ValueError("StepTimeFit needs half_life > 0 and min_steps >= 1")
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.min_steps, self.ridge = min_steps, ridge
+        self.steps = 0
+        self._xtx = np.zeros((5, 5))
+        self._xty = np.zeros(5)
+        self._coef: np.ndarray | None = None
+
+    @classmethod
+    def vector(cls, f: StepFeatures) -> np.ndarray:
+        """The features the fit uses, scaled."""
+        x = [1.0, f.num_tokens, f.num_logits, f.prefill_pairs, f.decode_pairs]
+        return np.asarray(x, dtype=float) * cls._SCALE
+
+    def add(self, f: StepFeatures, seconds: float) -> None:
+        """One step that ran: its features and its seconds."""
+        x = self.vector(f)
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + x * seconds
+        self.steps += 1
+        self._coef = None
+
+    def coefficients(self) -> np.ndarray | None:
+        """Seconds per unit of each raw feature (fixed, per token, per logit, per prompt pair,
+        per decode key), or None before ``min_steps`` steps."""
+        if self.steps < self.min_steps:
+            return None
+        if self._coef is None:
+            keep = list(range(5))
+            ridge = self.ridge * max(1.0, float(np.trace(self._xtx))) * np.eye(5)
+            while True:
+                a = (self._xtx + ridge)[np.ix_(keep, keep)]
+                c = np.linalg.solve(a, self._xty[keep])
+                negative = [k for k, v in zip(keep, c, strict=True) if k and v < 0]
+                if not negative:
+                    break
+                keep.remove(min(negative, key=lambda k: c[keep.index(k)]))
+            coef = np.zeros(5)
+            coef[keep] = c
+            self._coef = coef * self._SCALE
+        return self._coef
+
+    def predict(self, f: StepFeatures) -> float | None:
+        """Predicted seconds of a step with features ``f`` (None before ``min_steps``)."""
+        coef = self.coefficients()
+        if coef is None:
+            return None
+        x = [1.0, f.num_tokens, f.num_logits, f.prefill_pairs, f.decode_pairs]
+        return float(np.dot(coef, x))
