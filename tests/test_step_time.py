@@ -1,12 +1,38 @@
 """Steps sized by time: the engine tells the scheduler what each step held and took
-(``Scheduler.observe``)."""
+(``Scheduler.observe``), ``StepTimeFit`` learns step time from that, and SplitFuse's
+``max_step_ms`` cuts prompt chunks so that a step carrying decodes stays within it."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
+from checkpoints import hf_greedy, hf_model
 from sim_engine import make_engine, run
 
-from modgen.engine.costs import StepFeatures
+from modgen import LLM, SamplingParams, registry
+from modgen.engine.costs import StepFeatures, StepTimeFit, attention_pairs
+
+LAW = np.array([3e-3, 1e-4, 6e-5, 4e-8, 2.5e-7])  # fixed, per token, logit, prompt pair, key
+
+
+def features(rng: random.Random) -> StepFeatures:
+    """A step of a few decodes and maybe one prompt chunk, as a server runs them."""
+    d, n, start = rng.randint(0, 16), rng.choice([0, 16, 48, 200]), rng.randint(0, 2000)
+    completes = n > 0 and rng.random() < 0.3
+    pairs = attention_pairs(start, n, None)
+    keys = sum(rng.randint(100, 1500) for _ in range(d))
+    return StepFeatures(
+        num_tokens=d + n, num_seqs=d + (n > 0), num_logits=d + completes, prefill_tokens=n,
+        prefill_pairs=pairs, prefill_context=start + n if n else 0, decode_seqs=d,
+        decode_pairs=keys, max_context=start + n,
+    )  # fmt: skip
+
+
+def law(f: StepFeatures, scale: float = 1.0) -> float:
+    x = [1, f.num_tokens, f.num_logits, f.prefill_pairs, f.decode_pairs]
+    return scale * float(LAW @ x)
 
 
 def test_the_engine_tells_the_scheduler_each_step_and_its_executor_time():
@@ -20,3 +46,96 @@ def test_the_engine_tells_the_scheduler_each_step_and_its_executor_time():
         assert f.prefill_tokens == stats.num_prefill_tokens
         assert f.decode_seqs == stats.num_decode_tokens
         assert seconds == pytest.approx(stats.duration)  # simulated: the step is the executor
+
+
+def test_step_time_fit_learns_the_law_and_follows_a_machine_that_slows_down():
+    rng = random.Random(0)
+    fit = StepTimeFit(half_life=64, min_steps=8)
+    assert fit.predict(features(rng)) is None  # nothing seen yet
+    for _ in range(7):
+        fit.add(f := features(rng), law(f))
+    assert fit.predict(f) is None  # fewer than min_steps
+    for _ in range(300):
+        fit.add(f := features(rng), law(f) * (1 + rng.gauss(0, 0.02)))
+    coef = fit.coefficients()
+    assert coef is not None
+    # the well-determined slopes (logits and keys both grow with the decodes: predictions hold)
+    np.testing.assert_allclose(coef[[0, 1, 3]], LAW[[0, 1, 3]], rtol=0.1)
+    probe = features(random.Random(1))
+    assert fit.predict(probe) == pytest.approx(law(probe), rel=0.05)
+    for _ in range(400):  # the machine gets twice as slow: recent steps outweigh the old
+        fit.add(f := features(rng), law(f, 2.0))
+    assert fit.predict(probe) == pytest.approx(law(probe, 2.0), rel=0.05)
+
+
+def test_step_time_fit_keeps_slopes_non_negative():
+    rng = random.Random(2)
+    fit = StepTimeFit(min_steps=4)
+    for _ in range(50):  # time falls with decode keys: a negative slope, left out
+        f = features(rng)
+        fit.add(f, 0.01 + 1e-4 * f.num_tokens - 1e-7 * f.decode_pairs)
+    coef = fit.coefficients()
+    assert coef is not None and (coef[1:] >= 0).all() and coef[4] == 0
+    with pytest.raises(ValueError, match="half_life"):
+        StepTimeFit(half_life=0)
+
+
+def test_max_step_ms_bounds_the_steps_that_carry_decodes():
+    """Simulated (roofline cost model): without the limit some steps with decodes run long;
+    with it every one whose prompt chunks were cut to fit stays within 5% of it (the fit's
+    error), only steps that got no more than min_chunk prompt tokens may pass it, and every
+    request still ends with all its tokens."""
+    reqs = [(300 if i % 4 == 0 else 40, 30) for i in range(16)]
+    arrivals = [3 * i for i in range(16)]
+    limit_ms = 0.18
+
+    def steps(**knobs):
+        engine = make_engine("splitfuse", token_budget=256, **knobs)
+        seqs = run(engine, reqs, arrivals)
+        assert [len(s.output_token_ids) for s in seqs] == [30] * 16
+        return [s for s in engine.stats if s.num_decode_tokens and s.num_prefill_tokens]
+
+    free = steps()
+    assert max(s.duration for s in free) > 1.1 * limit_ms / 1e3  # the test can fail
+    bounded = steps(max_step_ms=limit_ms, min_chunk=4)
+    cut = [s for s in bounded if s.num_prefill_tokens > 4]
+    assert any(s.num_prefill_tokens < 200 for s in cut)  # chunks were cut, not all or nothing
+    assert max(s.duration for s in cut) <= 1.05 * limit_ms / 1e3
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [({"max_step_ms": -1}, "max_step_ms must be >= 0"), ({"min_chunk": 0}, "min_chunk")],
+)
+def test_bad_step_time_settings_are_refused(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        registry.to_config("scheduler", {"name": "splitfuse", **knobs})
+
+
+def test_a_real_engine_with_a_step_limit_generates_the_same_tokens(checkpoints):
+    """On the tiny checkpoint, prompts arriving while others decode: a limit below any step's
+    time cuts each prompt to min_chunk tokens a step once the fit has its steps, and the greedy
+    tokens are those of the plain budget and of transformers."""
+    rng = random.Random(3)
+    reqs = [([rng.randrange(3, 96) for _ in range(rng.randint(20, 90))], 10) for _ in range(6)]
+    arrivals = [0, 0, 3, 9, 12, 15]
+    ckpt = str(checkpoints["mistral"])
+    outputs, stats = [], []
+    for extra in ([], ["scheduler.max_step_ms=0.001", "scheduler.min_chunk=3"]):
+        engine = LLM("mistral", checkpoint=ckpt, overrides=["+scheduler=splitfuse", *extra]).engine
+        seqs, step = [], 0
+        while len(seqs) < len(reqs) or engine.has_unfinished():
+            for prompt, n in reqs[len(seqs) :]:
+                if arrivals[len(seqs)] > step:
+                    break
+                params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                seqs.append(engine.add_request(prompt, params))
+            engine.step()
+            step += 1
+        outputs.append([s.output_token_ids for s in seqs])
+        stats.append(engine.stats)
+    hf = hf_model(checkpoints["mistral"])
+    assert outputs[0] == outputs[1] == [hf_greedy(hf, p, n)[0] for p, n in reqs]
+    late = [s for s in stats[1][8:] if s.num_decode_tokens and s.num_prefill_tokens]
+    assert late and all(s.num_prefill_tokens <= 3 for s in late)
+    assert max(s.num_prefill_tokens for s in stats[0] if s.num_decode_tokens) > 3

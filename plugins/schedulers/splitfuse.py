@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modgen import calibration
+from modgen.engine.costs import StepFeatures, StepTimeFit, attention_pairs
 from modgen.engine.kv import KVAllocator
 from modgen.engine.scheduling import Scheduler, SchedulerConfig, StepPlan
 from modgen.engine.sequence import Sequence
@@ -50,8 +51,26 @@ class SplitFuseScheduler(Scheduler):
         FastGen's strict order; a prompt passed this many times blocks the ones behind it until
         it fits."""
 
+        max_step_ms: float = 0
+        """Longest a step that carries decodes may take, in milliseconds (0: no limit, FastGen's
+        rule: the token budget alone). Prompt chunks are cut to fit, by a fit of step time to
+        step features learnt from the steps run so far (``StepTimeFit``); a step's first prompt
+        chunk still gets ``min_chunk`` tokens, and a step without decodes (no one waits on it)
+        is not limited. A token budget bounds a step's tokens, not its time: on a CPU every
+        token costs about the same, and so does every key a long prompt's chunk attends to, so
+        equal budgets make unequal steps. A bound on inter-token latency, as Sarathi-Serve sizes
+        its chunks by its latency target."""
+        min_chunk: int = 8
+        """Tokens a step's first prompt chunk gets even when ``max_step_ms`` leaves no time."""
+
         def __post_init__(self) -> None:
             super().__post_init__()
+            if not self.max_step_ms >= 0:
+                raise ValueError(
+                    f"scheduler.max_step_ms must be >= 0 (0: no limit), got {self.max_step_ms}"
+                )
+            if self.min_chunk < 1:
+                raise ValueError(f"scheduler.min_chunk must be >= 1, got {self.min_chunk}")
             if self.token_budget < 0:
                 raise ValueError(
                     f"scheduler.token_budget must be >= 1, or 0 to measure one; "
@@ -72,6 +91,9 @@ class SplitFuseScheduler(Scheduler):
         self._passes: dict[int, int] = {}  # seq_id -> later arrivals admitted ahead of it
         self.token_budget = config.token_budget or FALLBACK_BUDGET
         """The budget in force: the configured one, or the one ``calibrate`` measured."""
+        self.step_fit = StepTimeFit()
+        """Step time learnt from the steps run (for ``max_step_ms``)."""
+        self._timed: tuple[StepPlan, float, bool] | None = None  # plan, seconds left, prompted
 
     def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
         if self.config.token_budget:
@@ -95,6 +117,48 @@ class SplitFuseScheduler(Scheduler):
         self.schedule_admissions(plan)
         return plan
 
+    def observe(self, features: StepFeatures, seconds: float) -> None:
+        self.step_fit.add(features, seconds)
+
+    def prompt_room(self, plan: StepPlan, seq: Sequence) -> int:
+        """Tokens ``seq``'s next prompt chunk may take in ``plan``: what the token budget leaves,
+        cut to the time ``max_step_ms`` leaves (0: the step is full). Expects the decodes planned
+        first, as every SplitFuse phase order has them."""
+        room = min(seq.num_pending, plan.budget_left)
+        left, prompted = self._time_left(plan)
+        if room <= 0 or left is None:
+            return max(room, 0)
+        coef = self.step_fit.coefficients()
+        assert coef is not None  # _time_left said the fit is ready
+
+        def cost(n: int) -> float:
+            pairs = attention_pairs(seq.num_computed, n, None)
+            return coef[1] * n + coef[2] * (n == seq.num_pending) + coef[3] * pairs
+
+        lo, hi = 0, room  # the largest n with cost(n) <= left, by bisection (cost grows with n)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+        n = lo if prompted else max(lo, min(self.config.min_chunk, room))
+        self._timed = (plan, left - cost(n), True) if n else self._timed
+        return n
+
+    def _time_left(self, plan: StepPlan) -> tuple[float | None, bool]:
+        """Seconds ``plan`` may still grow by under ``max_step_ms`` (None: no limit), and
+        whether it holds a prompt chunk already."""
+        if self._timed is not None and self._timed[0] is plan:
+            return self._timed[1], self._timed[2]
+        coef = self.step_fit.coefficients() if self.config.max_step_ms else None
+        decodes = [c.seq for c in plan.chunks if c.seq.is_decode]
+        if coef is None or not decodes:
+            self._timed = None
+            return None, False
+        keys = sum(s.num_computed + 1 for s in decodes)
+        alone = coef[0] + (coef[1] + coef[2]) * len(decodes) + coef[4] * keys
+        left = self.config.max_step_ms / 1e3 - alone
+        self._timed = (plan, left, len(decodes) < len(plan.chunks))
+        return left, self._timed[2]
+
     def continuing_order(self) -> Iterable[Sequence]:
         """Running sequences in the order their pending prompt tokens get the budget. Default:
         admission order (a split prompt's remainder before any newer prompt)."""
@@ -107,7 +171,10 @@ class SplitFuseScheduler(Scheduler):
             if plan.budget_left <= 0:
                 return
             if not seq.is_decode and seq.num_pending > 0:
-                self.add_chunk(plan, seq, min(seq.num_pending, plan.budget_left))
+                n = self.prompt_room(plan, seq)
+                if n <= 0:
+                    return
+                self.add_chunk(plan, seq, n)
 
     def schedule_admissions(self, plan: StepPlan) -> None:
         """Waiting prompts, in ``admission_order``, while the budget lasts: each is admitted only
@@ -119,9 +186,15 @@ class SplitFuseScheduler(Scheduler):
                 return
             if any(self.num_passes(s) >= self.config.max_passes for s in passed):
                 return
+            left, prompted = self._time_left(plan)
+            if left is not None and left <= 0 and prompted:
+                return
             if self.admit(seq, seq.num_tokens):
-                self.add_chunk(plan, seq, min(seq.num_pending, plan.budget_left))
                 self._count_pass(seq)
+                n = self.prompt_room(plan, seq)
+                if n <= 0:  # no time left even for a token: it starts next step
+                    return
+                self.add_chunk(plan, seq, n)
             elif self.num_passes(seq) >= self.config.max_passes:
                 return
             else:
