@@ -35,7 +35,7 @@ def law(f: StepFeatures, scale: float = 1.0) -> float:
     return scale * float(LAW @ x)
 
 
-def test_the_engine_tells_the_scheduler_each_step_and_its_executor_time():
+def test_the_engine_tells_the_scheduler_each_step_and_its_time():
     engine = make_engine("splitfuse", token_budget=64)
     seen: list[tuple[StepFeatures, float]] = []
     engine.scheduler.observe = lambda f, s: seen.append((f, s))  # type: ignore[method-assign]
@@ -45,7 +45,7 @@ def test_the_engine_tells_the_scheduler_each_step_and_its_executor_time():
         assert f.num_tokens == stats.num_tokens
         assert f.prefill_tokens == stats.num_prefill_tokens
         assert f.decode_seqs == stats.num_decode_tokens
-        assert seconds == pytest.approx(stats.duration)  # simulated: the step is the executor
+        assert seconds == stats.duration > 0
 
 
 def test_step_time_fit_learns_the_law_and_follows_a_machine_that_slows_down():

@@ -267,9 +267,7 @@ class Engine:
         features = step_features(plan, self.spec.sliding_window)
         done = [c.seq for c in plan.chunks if c.completes]
         try:
-            t_run = self.clock.now()
             tokens = self.executor.execute(plan, [self._banned(s) for s in done])
-            self.scheduler.observe(features, self.clock.now() - t_run)
         except Exception as exc:
             log.exception("the step failed: failing its %d requests", len(plan))
             ran = [c.seq for c in plan.chunks]
@@ -287,7 +285,8 @@ class Engine:
             else:
                 self._commit(seq, token, now)
         num_failed = sum(s.finish_reason is FinishReason.ERROR for s in done)
-        self._end_step(stats, now - t0, failed=bool(done) and num_failed == len(done))
+        self._end_step(stats, self.clock.now() - t0, failed=bool(done) and num_failed == len(done))
+        self.scheduler.observe(features, stats.duration)
         return done
 
     def _end_step(self, stats: StepStats, duration: float, failed: bool) -> None:
