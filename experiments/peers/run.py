@@ -81,6 +81,8 @@ MODGEN = {  # modgen's configurations: its default (SplitFuse, token budget 512)
     "splitfuse-256": ["+scheduler=splitfuse", "scheduler.token_budget=256"],
     # steps short enough for a tight inter-token latency, at the cost of time to first token
     "splitfuse-64": ["+scheduler=splitfuse", "scheduler.token_budget=64"],
+    # steps held to 10 ms whatever their prompt chunks attend to (a tight inter-token latency)
+    "splitfuse-10ms": ["+scheduler=splitfuse", "scheduler.max_step_ms=10"],
     "continuous": ["+scheduler=continuous"],
 }
 PORT = 8765
