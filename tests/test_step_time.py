@@ -9,10 +9,13 @@ import random
 import numpy as np
 import pytest
 from checkpoints import hf_greedy, hf_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sim_engine import make_engine, run
 
 from modgen import LLM, SamplingParams, registry
 from modgen.engine.costs import StepFeatures, StepTimeFit, attention_pairs
+from modgen.engine.sequence import SeqStatus
 
 LAW = np.array([3e-3, 1e-4, 6e-5, 4e-8, 2.5e-7])  # fixed, per token, logit, prompt pair, key
 
@@ -89,18 +92,50 @@ def test_max_step_ms_bounds_the_steps_that_carry_decodes():
     arrivals = [3 * i for i in range(16)]
     limit_ms = 0.18
 
+    reports: list[dict] = []
+
     def steps(**knobs):
         engine = make_engine("splitfuse", token_budget=256, **knobs)
         seqs = run(engine, reqs, arrivals)
         assert [len(s.output_token_ids) for s in seqs] == [30] * 16
+        reports.append(engine.scheduler.report())
         return [s for s in engine.stats if s.num_decode_tokens and s.num_prefill_tokens]
 
     free = steps()
     assert max(s.duration for s in free) > 1.1 * limit_ms / 1e3  # the test can fail
+    assert "step_fit_fixed_ms" not in reports[-1]
     bounded = steps(max_step_ms=limit_ms, min_chunk=4)
+    assert reports[-1]["step_fit_fixed_ms"] > 0  # results.json says what the limit used
     cut = [s for s in bounded if s.num_prefill_tokens > 4]
     assert any(s.num_prefill_tokens < 200 for s in cut)  # chunks were cut, not all or nothing
     assert max(s.duration for s in cut) <= 1.05 * limit_ms / 1e3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 20), st.integers(0, 30)),
+                  min_size=1, max_size=12),
+    name=st.sampled_from(["splitfuse", "splitfuse_priority", "splitfuse_spf"]),
+    limit_ms=st.sampled_from([0.01, 0.05, 0.1, 0.2]),
+    min_chunk=st.integers(1, 16),
+    budget=st.integers(1, 256),
+)  # fmt: skip
+def test_a_step_limit_keeps_decodes_first_and_never_starves_a_prompt(
+    reqs, name, limit_ms, min_chunk, budget
+):
+    """Whatever the limit: decodes first within the budget, a step with room after its decodes
+    gives prompts at least min_chunk tokens (or all they have), every request ends in full."""
+    engine = make_engine(name, token_budget=budget, max_step_ms=limit_ms, min_chunk=min_chunk)
+
+    def on_step(plan, before):
+        kinds = [c.seq.is_decode for c in plan.chunks]
+        assert kinds == sorted(kinds, reverse=True) and plan.num_tokens <= budget
+        room = budget - plan.num_decode_tokens
+        assert plan.num_prefill_tokens >= min(min_chunk, room, before["prompt_tokens"])
+
+    seqs = run(engine, [(p, g) for p, g, _ in reqs], [a for *_, a in reqs], on_step)
+    assert all(s.status is SeqStatus.FINISHED for s in seqs)
+    assert [s.num_output_tokens for s in seqs] == [g for _, g, _ in reqs]
 
 
 @pytest.mark.parametrize(

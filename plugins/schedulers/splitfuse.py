@@ -54,14 +54,15 @@ class SplitFuseScheduler(Scheduler):
         max_step_ms: float = 0
         """Longest a step that carries decodes may take, in milliseconds (0: no limit, FastGen's
         rule: the token budget alone). Prompt chunks are cut to fit, by a fit of step time to
-        step features learnt from the steps run so far (``StepTimeFit``); a step's first prompt
-        chunk still gets ``min_chunk`` tokens, and a step without decodes (no one waits on it)
-        is not limited. A token budget bounds a step's tokens, not its time: on a CPU every
+        step features learnt from the steps run so far (``StepTimeFit``); a step still gets
+        ``min_chunk`` prompt tokens, and a step without decodes (no one waits on it) is not
+        limited. A token budget bounds a step's tokens, not its time: on a CPU every
         token costs about the same, and so does every key a long prompt's chunk attends to, so
         equal budgets make unequal steps. A bound on inter-token latency, as Sarathi-Serve sizes
         its chunks by its latency target."""
         min_chunk: int = 8
-        """Tokens a step's first prompt chunk gets even when ``max_step_ms`` leaves no time."""
+        """Prompt tokens a step gets (or all there are) even when ``max_step_ms`` leaves no
+        time: prompts always advance."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -93,7 +94,7 @@ class SplitFuseScheduler(Scheduler):
         """The budget in force: the configured one, or the one ``calibrate`` measured."""
         self.step_fit = StepTimeFit()
         """Step time learnt from the steps run (for ``max_step_ms``)."""
-        self._timed: tuple[StepPlan, float, bool] | None = None  # plan, seconds left, prompted
+        self._timed: tuple[StepPlan, float, int] | None = None  # plan, seconds, prompt tokens
 
     def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
         if self.config.token_budget:
@@ -108,7 +109,15 @@ class SplitFuseScheduler(Scheduler):
         self.token_budget = int(choice.name)
 
     def report(self) -> dict[str, Any]:
-        return {"token_budget": self.token_budget}
+        out: dict[str, Any] = {"token_budget": self.token_budget}
+        coef = self.step_fit.coefficients() if self.config.max_step_ms else None
+        if coef is not None:  # what the limit was enforced with, in readable units
+            units = [("fixed_ms", 1e3), ("token_us", 1e6), ("logit_us", 1e6),
+                     ("prompt_pair_ns", 1e9), ("decode_key_ns", 1e9)]  # fmt: skip
+            out.update(
+                {f"step_fit_{k}": float(c) * u for (k, u), c in zip(units, coef, strict=True)}
+            )
+        return out
 
     def schedule(self) -> StepPlan:
         plan = StepPlan(budget=self.token_budget)
@@ -125,7 +134,7 @@ class SplitFuseScheduler(Scheduler):
         cut to the time ``max_step_ms`` leaves (0: the step is full). Expects the decodes planned
         first, as every SplitFuse phase order has them."""
         room = min(seq.num_pending, plan.budget_left)
-        left, prompted = self._time_left(plan)
+        left, given = self._time_left(plan)
         if room <= 0 or left is None:
             return max(room, 0)
         coef = self.step_fit.coefficients()
@@ -139,24 +148,24 @@ class SplitFuseScheduler(Scheduler):
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
-        n = lo if prompted else max(lo, min(self.config.min_chunk, room))
-        self._timed = (plan, left - cost(n), True) if n else self._timed
+        n = max(lo, min(self.config.min_chunk - given, room))
+        self._timed = (plan, left - cost(n), given + n)
         return n
 
-    def _time_left(self, plan: StepPlan) -> tuple[float | None, bool]:
-        """Seconds ``plan`` may still grow by under ``max_step_ms`` (None: no limit), and
-        whether it holds a prompt chunk already."""
+    def _time_left(self, plan: StepPlan) -> tuple[float | None, int]:
+        """Seconds ``plan`` may still grow by under ``max_step_ms`` (None: no limit), and the
+        prompt tokens it holds."""
         if self._timed is not None and self._timed[0] is plan:
             return self._timed[1], self._timed[2]
         coef = self.step_fit.coefficients() if self.config.max_step_ms else None
         decodes = [c.seq for c in plan.chunks if c.seq.is_decode]
         if coef is None or not decodes:
             self._timed = None
-            return None, False
+            return None, 0
         keys = sum(s.num_computed + 1 for s in decodes)
         alone = coef[0] + (coef[1] + coef[2]) * len(decodes) + coef[4] * keys
         left = self.config.max_step_ms / 1e3 - alone
-        self._timed = (plan, left, len(decodes) < len(plan.chunks))
+        self._timed = (plan, left, plan.num_tokens - len(decodes))
         return left, self._timed[2]
 
     def continuing_order(self) -> Iterable[Sequence]:
@@ -186,8 +195,8 @@ class SplitFuseScheduler(Scheduler):
                 return
             if any(self.num_passes(s) >= self.config.max_passes for s in passed):
                 return
-            left, prompted = self._time_left(plan)
-            if left is not None and left <= 0 and prompted:
+            left, given = self._time_left(plan)
+            if left is not None and left <= 0 and given >= self.config.min_chunk:
                 return
             if self.admit(seq, seq.num_tokens):
                 self._count_pass(seq)
