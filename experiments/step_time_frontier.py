@@ -4,6 +4,7 @@ SplitFuse held by a step time (``scheduler.max_step_ms``), never part of CI.
 Each point is one ``task=bench`` run with 16 closed-loop clients on the peers' checkpoint
 (see peers/make_checkpoint.py) and workloads; the plot has one line per knob and workload, and
 with ``--peers DIR`` (a peers run's output) vLLM's served runs as stars, one per repeat.
+Runs already in OUT are read, not repeated (delete OUT/<workload> to measure again).
 
     python experiments/step_time_frontier.py --out results/frontier [--peers results/peers]
 
@@ -86,6 +87,7 @@ def plot(rows: list[dict], path: Path, peers: Path | None, workloads: list[str])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.4))
     axes = [axes] if len(workloads) == 1 else axes
@@ -102,6 +104,9 @@ def plot(rows: list[dict], path: Path, peers: Path | None, workloads: list[str])
                     label="vLLM CPU (each repeat)" if i == 0 else None)  # fmt: skip
         ax.set(xscale="log", xlabel="p95 inter-token latency (ms, log scale)",
                ylabel="requests/s", title=f"served {wl}, 16 clients")  # fmt: skip
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(machine_line(), fontsize=7)
