@@ -206,3 +206,14 @@ def test_shortest_prompt_first_with_aging():
             c.seq.num_computed += c.num_tokens
     # two short prompts go first; then the long one, passed twice, takes its turn
     assert admitted[:3] == [1, 2, 0]
+
+
+def test_the_streaming_engine_tells_its_scheduler_it_is_online():
+    """``AsyncEngine`` (the server, the bench's clients) marks the scheduler online; an engine
+    driven directly (offline batches) leaves it offline."""
+    from modgen.engine.async_engine import AsyncEngine
+
+    engine = make_engine("continuous")
+    assert engine.scheduler.online is False
+    AsyncEngine(engine)
+    assert engine.scheduler.online is True

@@ -75,6 +75,7 @@ class AsyncEngine:
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
+        engine.scheduler.set_online(True)  # clients wait on each token
         self.max_queued = max_queued
         self.hooks = hooks
         self.max_step_stats = max_step_stats

@@ -122,6 +122,8 @@ class Scheduler(ABC):
         self.running: list[Sequence] = []
         self._stamps = itertools.count()
         self._last_served: dict[int, int] = {}  # seq_id -> stamp of its last planned chunk
+        self.online = False
+        """Whether requests arrive as a stream (see ``set_online``)."""
 
     def report(self) -> dict[str, Any]:
         """Figures for the run's results (settings in force that were chosen, say)."""
@@ -135,6 +137,14 @@ class Scheduler(ABC):
         simulated one; see ``modgen.engine.probe``), and ``shape``: what identifies that executor
         and model (for a cached decision). A scheduler with settings chosen by measurement (e.g.
         SplitFuse's token budget) chooses them here; by default there are none."""
+
+    def set_online(self, online: bool) -> None:
+        """Called by whatever drives the engine: True when requests arrive as a stream with
+        clients waiting on each token (``AsyncEngine``: the server, the bench's clients), False
+        (the default) for an offline batch (``LLM.generate``, ``task=generate``). A policy may
+        default to other settings for each, as vLLM's defaults differ between its server and its
+        offline ``LLM`` (a larger token budget offline)."""
+        self.online = online
 
     def observe(self, features: StepFeatures, seconds: float) -> None:  # noqa: B027 (optional)
         """Called by the engine after each step that ran: what the step held (``features``,
