@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sim_engine import make_engine, make_scheduler, make_seq, run
 
+from modgen.engine.async_engine import AsyncEngine
 from modgen.engine.scheduling import StepPlan
 from modgen.engine.sequence import SeqStatus
 
@@ -211,8 +212,6 @@ def test_shortest_prompt_first_with_aging():
 def test_the_streaming_engine_tells_its_scheduler_it_is_online():
     """``AsyncEngine`` (the server, the bench's clients) marks the scheduler online; an engine
     driven directly (offline batches) leaves it offline."""
-    from modgen.engine.async_engine import AsyncEngine
-
     engine = make_engine("continuous")
     assert engine.scheduler.online is False
     AsyncEngine(engine)
