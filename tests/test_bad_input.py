@@ -130,7 +130,7 @@ def test_text_prompt_and_stop_strings_need_a_tokenizer():
     [
         ("scheduler.token_budgt=3", "token_budgt"),
         ("scheduler.token_budget=abc", "token_budget"),
-        ("scheduler.token_budget=-1", "token_budget must be >= 1, or 0"),
+        ("scheduler.token_budget=-1", "token_budget must be >= 1, 0 to measure one, or null"),
         ("scheduler.budget_candidates=[]", "budget_candidates"),
         ("kv_allocator.blok_size=3", "blok_size"),
         ("model.dtype=float8", "model.dtype"),

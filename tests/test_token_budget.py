@@ -9,6 +9,7 @@ import pytest
 from sim_engine import make_engine, make_scheduler
 
 from modgen import LLM, SamplingParams, calibration
+from modgen.engine.async_engine import AsyncEngine
 from modgen.engine.probe import StepProbe
 from modgen.tasks.results import engine_summary
 
@@ -54,7 +55,7 @@ def test_choose_size_leaves_out_sizes_that_cannot_run_and_caches_its_choice():
 
 def test_splitfuse_measures_its_budget_only_when_told_to(caplog):
     sched, _ = make_scheduler("splitfuse", token_budget=0)  # measured once an engine asks
-    assert sched.token_budget == 512  # nothing measured yet: the fallback
+    assert sched.token_budget == 2048  # nothing measured yet: the offline default
     sched.calibrate(fixed_cost(1e-3), {"c": 6})
     assert sched.token_budget == 256 and sched.report() == {"token_budget": 256}
     assert sched.schedule().budget == 256
@@ -70,7 +71,26 @@ def test_splitfuse_measures_its_budget_only_when_told_to(caplog):
     nothing_fits, _ = make_scheduler("splitfuse", token_budget=0)
     with caplog.at_level(logging.WARNING):
         nothing_fits.calibrate(lambda n: 1 / 0, {"c": 9})
-    assert nothing_fits.token_budget == 512 and "token budget 512" in caplog.text
+    assert nothing_fits.token_budget == 2048 and "token budget 2048" in caplog.text
+    nothing_fits.set_online(True)  # ... and the served one once an AsyncEngine drives it
+    assert nothing_fits.token_budget == 512 and nothing_fits.schedule().budget == 512
+
+
+def test_the_default_budget_follows_the_usage():
+    """No budget configured: 2048 for an offline batch, 512 once the engine serves a stream;
+    a configured budget stays whatever the usage."""
+    sched, _ = make_scheduler("splitfuse")
+    assert sched.config.token_budget is None and sched.token_budget == 2048
+    assert sched.schedule().budget == 2048
+    sched.set_online(True)
+    assert sched.token_budget == 512 and sched.report() == {"token_budget": 512}
+    fixed, _ = make_scheduler("splitfuse_priority", token_budget=64)
+    fixed.set_online(True)
+    assert fixed.token_budget == 64 and fixed.schedule().budget == 64
+    engine = LLM("mistral", overrides=["executor=sim", "+scheduler=splitfuse"]).engine
+    assert engine.scheduler.token_budget == 2048
+    AsyncEngine(engine)
+    assert engine.scheduler.token_budget == 512
 
 
 def test_a_simulated_engine_chooses_by_its_cost_model():

@@ -16,9 +16,10 @@ from modgen.registry import register
 
 log = logging.getLogger(__name__)
 
-FALLBACK_BUDGET = 512
-"""The budget when ``token_budget=0`` and nothing measured one (a scheduler built outside an
-engine, or no candidate fitting the model and KV cache): the default's."""
+ONLINE_BUDGET = 512
+"""The default token budget of an engine serving a stream of requests (``Scheduler.online``)."""
+OFFLINE_BUDGET = 2048
+"""The default token budget of an offline batch."""
 
 
 @register("scheduler", "splitfuse")
@@ -37,12 +38,17 @@ class SplitFuseScheduler(Scheduler):
     class Config(SchedulerConfig):
         """Dynamic SplitFuse settings."""
 
-        token_budget: int = 512
-        """Tokens per forward pass (decodes plus prompt chunks). 0: chosen at start-up on the
-        engine's executor, the smallest of ``budget_candidates`` whose time per token is within
-        3% of the best one's (a bigger step would only lengthen every token's wait); cached per
-        machine, model and executor (``python -m modgen.calibration``). Not the default: the
-        rule weighs throughput and token latency, not time to first token (docs/notes.md)."""
+        token_budget: int | None = None
+        """Tokens per forward pass (decodes plus prompt chunks). None (the default): by usage,
+        512 when the engine serves a stream of requests (a server, the bench's clients: every
+        step is a wait between tokens), 2048 for an offline batch (``LLM.generate``,
+        ``task=generate``: only throughput counts, and fewer, larger steps were 2-4% faster on
+        the peers' workloads, docs/notes.md), as vLLM's CPU defaults differ (2048 served, 4096
+        offline). 0: chosen at start-up on the engine's executor, the smallest of
+        ``budget_candidates`` whose time per token is within 3% of the best one's (a bigger
+        step would only lengthen every token's wait); cached per machine, model and executor
+        (``python -m modgen.calibration``). Not the default: the rule weighs throughput and
+        token latency, not time to first token (docs/notes.md)."""
         budget_candidates: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
         """The budgets ``token_budget=0`` chooses among."""
         max_passes: int = 0
@@ -72,10 +78,10 @@ class SplitFuseScheduler(Scheduler):
                 )
             if self.min_chunk < 1:
                 raise ValueError(f"scheduler.min_chunk must be >= 1, got {self.min_chunk}")
-            if self.token_budget < 0:
+            if self.token_budget is not None and self.token_budget < 0:
                 raise ValueError(
-                    f"scheduler.token_budget must be >= 1, or 0 to measure one; "
-                    f"got {self.token_budget}"
+                    f"scheduler.token_budget must be >= 1, 0 to measure one, or null (by "
+                    f"usage); got {self.token_budget}"
                 )
             if not self.budget_candidates or min(self.budget_candidates) < 1:
                 raise ValueError(
@@ -90,14 +96,13 @@ class SplitFuseScheduler(Scheduler):
     def __init__(self, config: Config, kv: KVAllocator) -> None:
         super().__init__(config, kv)
         self._passes: dict[int, int] = {}  # seq_id -> later arrivals admitted ahead of it
-        self.token_budget = config.token_budget or FALLBACK_BUDGET
-        """The budget in force: the configured one, or the one ``calibrate`` measured."""
+        self._measured: int | None = None  # the budget calibrate chose (token_budget=0)
         self.step_fit = StepTimeFit()
         """Step time learnt from the steps run (for ``max_step_ms``)."""
         self._timed: tuple[StepPlan, float, int] | None = None  # plan, seconds, prompt tokens
 
     def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
-        if self.config.token_budget:
+        if self.config.token_budget != 0:  # configured, or left to the usage
             return
         try:
             choice = calibration.choose_size(
@@ -106,7 +111,17 @@ class SplitFuseScheduler(Scheduler):
         except ValueError as err:
             log.warning("%s; token budget %d", err, self.token_budget)
             return
-        self.token_budget = int(choice.name)
+        self._measured = int(choice.name)
+
+    @property
+    def token_budget(self) -> int:
+        """The budget in force: the configured one, else the one ``calibrate`` measured, else
+        the default for the usage (``ONLINE_BUDGET`` or ``OFFLINE_BUDGET``)."""
+        if self.config.token_budget:
+            return self.config.token_budget
+        if self._measured is not None:
+            return self._measured
+        return ONLINE_BUDGET if self.online else OFFLINE_BUDGET
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"token_budget": self.token_budget}
