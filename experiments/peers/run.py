@@ -76,7 +76,7 @@ PREFIX_WORKLOADS = {  # served with 8 clients: engines with and without prefix c
     ],
 }
 PREFIX_MODGEN = {"splitfuse": [], "splitfuse-prefix": ["kv_allocator=prefix"]}
-MODGEN = {  # modgen's configurations: its default (SplitFuse, token budget 512), and others
+MODGEN = {  # modgen's: its default (SplitFuse; token budget 2048 offline, 512 served), others
     "splitfuse": ["+scheduler=splitfuse"],
     "splitfuse-256": ["+scheduler=splitfuse", "scheduler.token_budget=256"],
     # steps short enough for a tight inter-token latency, at the cost of time to first token
