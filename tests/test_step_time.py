@@ -79,8 +79,9 @@ def test_step_time_fit_keeps_slopes_non_negative():
         fit.add(f, 0.01 + 1e-4 * f.num_tokens - 1e-7 * f.decode_pairs)
     coef = fit.coefficients()
     assert coef is not None and (coef[1:] >= 0).all() and coef[4] == 0
-    with pytest.raises(ValueError, match="half_life"):
-        StepTimeFit(half_life=0)
+    for bad in ({"half_life": 0}, {"min_steps": 0}):
+        with pytest.raises(ValueError, match="half_life > 0 and min_steps >= 1"):
+            StepTimeFit(**bad)
 
 
 def test_max_step_ms_bounds_the_steps_that_carry_decodes():
@@ -119,19 +120,27 @@ def test_max_step_ms_bounds_the_steps_that_carry_decodes():
     limit_ms=st.sampled_from([0.01, 0.05, 0.1, 0.2]),
     min_chunk=st.integers(1, 16),
     budget=st.integers(1, 256),
+    allocator=st.sampled_from(["blocked", "prefix"]),
 )  # fmt: skip
 def test_a_step_limit_keeps_decodes_first_and_never_starves_a_prompt(
-    reqs, name, limit_ms, min_chunk, budget
+    reqs, name, limit_ms, min_chunk, budget, allocator
 ):
     """Whatever the limit: decodes first within the budget, a step with room after its decodes
-    gives prompts at least min_chunk tokens (or all they have), every request ends in full."""
-    engine = make_engine(name, token_budget=budget, max_step_ms=limit_ms, min_chunk=min_chunk)
+    gives prompts at least min_chunk tokens (or all they have), no prompt is admitted (KV taken)
+    without a chunk, and every request ends in full; with a prefix cache too (the prompts here
+    share prefixes)."""
+    engine = make_engine(name, token_budget=budget, max_step_ms=limit_ms, min_chunk=min_chunk,
+                         allocator=allocator)  # fmt: skip
+    sched = engine.scheduler
 
     def on_step(plan, before):
         kinds = [c.seq.is_decode for c in plan.chunks]
         assert kinds == sorted(kinds, reverse=True) and plan.num_tokens <= budget
         room = budget - plan.num_decode_tokens
-        assert plan.num_prefill_tokens >= min(min_chunk, room, before["prompt_tokens"])
+        assert plan.num_prefill_tokens >= min(min_chunk, room, before["uncached_prompt_tokens"])
+        planned = {c.seq.seq_id for c in plan.chunks}
+        for seq in sched.running:  # admitted now, or served before
+            assert seq.seq_id in planned or seq.seq_id in sched._last_served, "KV, no chunk"
 
     seqs = run(engine, [(p, g) for p, g, _ in reqs], [a for *_, a in reqs], on_step)
     assert all(s.status is SeqStatus.FINISHED for s in seqs)

@@ -71,7 +71,7 @@ def test_splitfuse_measures_its_budget_only_when_told_to(caplog):
     nothing_fits, _ = make_scheduler("splitfuse", token_budget=0)
     with caplog.at_level(logging.WARNING):
         nothing_fits.calibrate(lambda n: 1 / 0, {"c": 9})
-    assert nothing_fits.token_budget == 2048 and "token budget 2048" in caplog.text
+    assert nothing_fits.token_budget == 2048 and "follows the usage (512 served" in caplog.text
     nothing_fits.set_online(True)  # ... and the served one once an AsyncEngine drives it
     assert nothing_fits.token_budget == 512 and nothing_fits.schedule().budget == 512
 
@@ -80,6 +80,9 @@ def test_the_default_budget_follows_the_usage():
     """No budget configured: 2048 for an offline batch, 512 once the engine serves a stream;
     a configured budget stays whatever the usage."""
     sched, _ = make_scheduler("splitfuse")
+    probed: list[int] = []
+    sched.calibrate(lambda n: probed.append(n) or 1e-3, {"c": 10})  # nothing to measure
+    assert probed == []
     assert sched.config.token_budget is None and sched.token_budget == 2048
     assert sched.schedule().budget == 2048
     sched.set_online(True)

@@ -37,6 +37,7 @@ class StepStats:
     num_preempted: int
     kv_blocks_used: int
     duration: float
+    """Seconds from planning the step to its tokens committed (the executor's clock)."""
     start: float = 0.0
     """When the step began (the executor's clock)."""
 
@@ -66,7 +67,8 @@ class Engine:
         self.max_prompt_chars = None if chars is None else chars * self.max_model_len
         """Text prompts longer than this are refused before tokenizing (they cannot fit)."""
         probe = StepProbe(executor, kv, self.clock, self.max_model_len)
-        shape = {"model": repr(spec), "executor": executor.describe(), **probe.shape()}
+        shape = {"model": repr(spec), "executor": executor.describe(),
+                 "sliding_window": spec.sliding_window, **probe.shape()}  # fmt: skip
         scheduler.calibrate(probe, shape)
         self.requests: dict[str, Sequence] = {}
         self._request_ids = itertools.count()

@@ -135,8 +135,9 @@ class Scheduler(ABC):
         """Called once by the engine before any request, with ``step_seconds(n)``: how long a
         step of ``n`` tokens takes on the engine's executor (measured, or predicted by a
         simulated one; see ``modgen.engine.probe``), and ``shape``: what identifies that executor
-        and model (for a cached decision). A scheduler with settings chosen by measurement (e.g.
-        SplitFuse's token budget) chooses them here; by default there are none."""
+        and model (for a cached decision; it carries the model's ``sliding_window`` too). A
+        scheduler with settings chosen by measurement (e.g. SplitFuse's token budget) chooses
+        them here; by default there are none."""
 
     def set_online(self, online: bool) -> None:
         """Called by whatever drives the engine: True when requests arrive as a stream with

@@ -25,9 +25,10 @@ OFFLINE_BUDGET = 2048
 @register("scheduler", "splitfuse")
 class SplitFuseScheduler(Scheduler):
     """Every step runs up to ``token_budget`` tokens: decodes first (one token each), then prompt
-    chunks fill the rest exactly. A split prompt's remainder goes first among prompts next step; a
-    waiting prompt is admitted only when KV blocks for its whole (uncached) remainder are free;
-    when a decode finds no free block, a running sequence is preempted and later recomputed.
+    chunks fill the rest exactly (or, with ``max_step_ms``, as far as the step's time allows). A
+    split prompt's remainder goes first among prompts next step; a waiting prompt is admitted
+    only when KV blocks for its whole (uncached) remainder are free; when a decode finds no free
+    block, a running sequence is preempted and later recomputed.
 
     ``schedule`` is the composition of three phases a variant may override one by one:
     ``schedule_decodes`` (base class), ``schedule_continuing`` and ``schedule_admissions``, with
@@ -100,8 +101,11 @@ class SplitFuseScheduler(Scheduler):
         self.step_fit = StepTimeFit()
         """Step time learnt from the steps run (for ``max_step_ms``)."""
         self._timed: tuple[StepPlan, float, int] | None = None  # plan, seconds, prompt tokens
+        self.window: int | None = None
+        """The model's sliding window (from ``calibrate``'s shape), for the predicted costs."""
 
     def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
+        self.window = shape.get("sliding_window")
         if self.config.token_budget != 0:  # configured, or left to the usage
             return
         try:
@@ -109,7 +113,8 @@ class SplitFuseScheduler(Scheduler):
                 "token budget", shape, step_seconds, sorted(self.config.budget_candidates)
             )
         except ValueError as err:
-            log.warning("%s; token budget %d", err, self.token_budget)
+            log.warning("%s; the token budget follows the usage (%d served, %d offline)",
+                        err, ONLINE_BUDGET, OFFLINE_BUDGET)  # fmt: skip
             return
         self._measured = int(choice.name)
 
@@ -142,44 +147,59 @@ class SplitFuseScheduler(Scheduler):
         return plan
 
     def observe(self, features: StepFeatures, seconds: float) -> None:
-        self.step_fit.add(features, seconds)
+        if self.config.max_step_ms:  # the fit serves the limit alone
+            self.step_fit.add(features, seconds)
 
-    def prompt_room(self, plan: StepPlan, seq: Sequence) -> int:
-        """Tokens ``seq``'s next prompt chunk may take in ``plan``: what the token budget leaves,
-        cut to the time ``max_step_ms`` leaves (0: the step is full). Expects the decodes planned
-        first, as every SplitFuse phase order has them."""
-        room = min(seq.num_pending, plan.budget_left)
+    def chunk_fit(self, plan: StepPlan, seq: Sequence, start: int, pending: int) -> int:
+        """Tokens a prompt chunk of ``seq`` from position ``start`` (``pending`` tokens to go)
+        may take in ``plan``: what the token budget leaves, cut to the time ``max_step_ms``
+        leaves, never below what ``min_chunk`` still owes the step's prompts (0: the step is
+        full). Books nothing (``prompt_room`` does); expects the decodes planned first, as
+        every SplitFuse phase order has them."""
+        room = min(pending, plan.budget_left)
         left, given = self._time_left(plan)
         if room <= 0 or left is None:
             return max(room, 0)
-        coef = self.step_fit.coefficients()
-        assert coef is not None  # _time_left said the fit is ready
-
-        def cost(n: int) -> float:
-            pairs = attention_pairs(seq.num_computed, n, None)
-            return coef[1] * n + coef[2] * (n == seq.num_pending) + coef[3] * pairs
-
-        lo, hi = 0, room  # the largest n with cost(n) <= left, by bisection (cost grows with n)
+        lo, hi = 0, room  # the largest n whose cost fits, by bisection (cost grows with n)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
-        n = max(lo, min(self.config.min_chunk - given, room))
-        self._timed = (plan, left - cost(n), given + n)
+            fits = self._chunk_cost(start, mid, mid == pending) <= left
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+        return max(lo, min(self.config.min_chunk - given, room))
+
+    def prompt_room(self, plan: StepPlan, seq: Sequence) -> int:
+        """Tokens ``seq``'s next prompt chunk takes in ``plan`` (``chunk_fit`` from where it
+        stands), booked against the time the step has left."""
+        start, pending = seq.num_computed, seq.num_pending
+        n = self.chunk_fit(plan, seq, start, pending)
+        left, given = self._time_left(plan)
+        if left is not None and n > 0:
+            self._timed = (plan, left - self._chunk_cost(start, n, n == pending), given + n)
         return n
+
+    def _chunk_cost(self, start: int, n: int, completes: bool) -> float:
+        """Predicted seconds ``n`` prompt tokens from ``start`` add to a step."""
+        coef = self.step_fit.coefficients()
+        assert coef is not None  # asked only while the limit is in force
+        pairs = attention_pairs(start, n, self.window)
+        return float(coef[1] * n + coef[2] * completes + coef[3] * pairs)
 
     def _time_left(self, plan: StepPlan) -> tuple[float | None, int]:
         """Seconds ``plan`` may still grow by under ``max_step_ms`` (None: no limit), and the
         prompt tokens it holds."""
+        if not self.config.max_step_ms:
+            return None, 0
         if self._timed is not None and self._timed[0] is plan:
             return self._timed[1], self._timed[2]
-        coef = self.step_fit.coefficients() if self.config.max_step_ms else None
+        coef = self.step_fit.coefficients()
         decodes = [c.seq for c in plan.chunks if c.seq.is_decode]
         if coef is None or not decodes:
             self._timed = None
             return None, 0
-        keys = sum(s.num_computed + 1 for s in decodes)
+        w = self.window
+        keys = sum(s.num_computed + 1 if w is None else min(s.num_computed + 1, w) for s in decodes)
         alone = coef[0] + (coef[1] + coef[2]) * len(decodes) + coef[4] * keys
-        left = self.config.max_step_ms / 1e3 - alone
+        left = float(self.config.max_step_ms / 1e3 - alone)
         self._timed = (plan, left, plan.num_tokens - len(decodes))
         return left, self._timed[2]
 
@@ -202,7 +222,8 @@ class SplitFuseScheduler(Scheduler):
 
     def schedule_admissions(self, plan: StepPlan) -> None:
         """Waiting prompts, in ``admission_order``, while the budget lasts: each is admitted only
-        when blocks for its whole remainder are free, and gets a chunk that fills the budget. The
+        when blocks for its whole remainder are free, and gets a chunk that fills the budget (or
+        the time ``max_step_ms`` leaves; none is admitted without a chunk). The
         first that does not fit stops admission, unless ``max_passes`` lets later ones pass."""
         passed: list[Sequence] = []  # did not fit; later ones may pass them
         for seq in self.admission_order():
@@ -210,13 +231,14 @@ class SplitFuseScheduler(Scheduler):
                 return
             if any(self.num_passes(s) >= self.config.max_passes for s in passed):
                 return
-            left, given = self._time_left(plan)
-            if left is not None and left <= 0 and given >= self.config.min_chunk:
-                return
+            if self._time_left(plan)[0] is not None:  # a token's time left, first
+                uncached = self.num_uncached(seq)
+                if self.chunk_fit(plan, seq, seq.num_tokens - uncached, uncached) <= 0:
+                    return
             if self.admit(seq, seq.num_tokens):
                 self._count_pass(seq)
                 n = self.prompt_room(plan, seq)
-                if n <= 0:  # no time left even for a token: it starts next step
+                if n <= 0:  # cannot happen after the check above; never admit without a chunk
                     return
                 self.add_chunk(plan, seq, n)
             elif self.num_passes(seq) >= self.config.max_passes:
