@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,8 +24,18 @@ from pathlib import Path
 from modgen.machine import machine_line
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE / "peers"))
-from run import WORKLOADS  # noqa: E402  (the peers' workloads, one definition)
+
+
+def _peers_workloads() -> dict[str, list[str]]:
+    """The peers script's workloads (one definition), loaded under a name of its own."""
+    spec = importlib.util.spec_from_file_location("modgen_peers_run", HERE / "peers" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.WORKLOADS
+
+
+WORKLOADS = _peers_workloads()
 
 KNOBS = {
     "token_budget": [32, 48, 64, 96, 128, 256, 512],
