@@ -8,7 +8,7 @@ Runs already in OUT are read, not repeated (delete OUT/<workload> to measure aga
 
     python experiments/step_time_frontier.py --out results/frontier [--peers results/peers]
 
-Writes OUT/frontier.csv and OUT/frontier.png (the machine line in the title).
+Writes OUT/frontier.csv (a machine column) and OUT/frontier.png (the machine line in the title).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def main() -> None:
                 rows.append({"workload": wl, "knob": knob, "value": v,
                              "request_throughput": s["request_throughput"],
                              "itl_p95_ms": 1e3 * s["itl_p95_s"], "itl_p99_ms": 1e3 * s["itl_p99_s"],
-                             "ttft_p95_s": s["ttft_p95_s"]})  # fmt: skip
+                             "ttft_p95_s": s["ttft_p95_s"], "machine": s["machine"]})  # fmt: skip
+                shown = {k: v for k, v in rows[-1].items() if k != "machine"}
                 print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in rows[-1].items()), flush=True)  # fmt: skip
+                               for k, v in shown.items()), flush=True)  # fmt: skip
     with open(a.out / "frontier.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
