@@ -39,7 +39,10 @@ def law(f: StepFeatures, scale: float = 1.0) -> float:
 
 
 def test_the_engine_tells_the_scheduler_each_step_and_its_time():
-    engine = make_engine("splitfuse", token_budget=64)
+    quiet = make_engine("splitfuse", token_budget=64)  # no limit: nothing to observe
+    quiet.scheduler.observe = lambda f, s: pytest.fail("observed without asking")
+    run(quiet, [(30, 3)])
+    engine = make_engine("splitfuse", token_budget=64, max_step_ms=1e6)  # never binds
     seen: list[tuple[StepFeatures, float]] = []
     engine.scheduler.observe = lambda f, s: seen.append((f, s))  # type: ignore[method-assign]
     run(engine, [(100, 5), (30, 8), (7, 3)], arrivals=[0, 2, 4])

@@ -266,7 +266,8 @@ class Engine:
             if chunk.seq.metrics.first_scheduled_time is None:
                 chunk.seq.metrics.first_scheduled_time = t0
         stats = self._step_stats(plan, t0)
-        features = step_features(plan, self.spec.sliding_window)
+        observed = self.scheduler.observes_steps
+        features = step_features(plan, self.spec.sliding_window) if observed else None
         done = [c.seq for c in plan.chunks if c.completes]
         try:
             tokens = self.executor.execute(plan, [self._banned(s) for s in done])
@@ -288,7 +289,8 @@ class Engine:
                 self._commit(seq, token, now)
         num_failed = sum(s.finish_reason is FinishReason.ERROR for s in done)
         self._end_step(stats, self.clock.now() - t0, failed=bool(done) and num_failed == len(done))
-        self.scheduler.observe(features, stats.duration)
+        if features is not None:
+            self.scheduler.observe(features, stats.duration)
         return done
 
     def _end_step(self, stats: StepStats, duration: float, failed: bool) -> None:

@@ -147,8 +147,15 @@ class Scheduler(ABC):
         offline ``LLM`` (a larger token budget offline)."""
         self.online = online
 
+    @property
+    def observes_steps(self) -> bool:
+        """Whether ``observe`` wants every step (the engine builds a step's features only then,
+        off the hot path otherwise). Default: False."""
+        return False
+
     def observe(self, features: StepFeatures, seconds: float) -> None:  # noqa: B027 (optional)
-        """Called by the engine after each step that ran: what the step held (``features``,
+        """Called by the engine after each step that ran, while ``observes_steps``: what the step
+        held (``features``,
         read before its sequences advanced) and how long it took by the engine's clock, from
         planning to its tokens committed (measured, or predicted by a simulated executor): the
         step's ``StepStats.duration``. A policy that sizes steps by time learns here; by

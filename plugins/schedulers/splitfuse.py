@@ -146,9 +146,12 @@ class SplitFuseScheduler(Scheduler):
         self.schedule_admissions(plan)
         return plan
 
+    @property
+    def observes_steps(self) -> bool:
+        return bool(self.config.max_step_ms)  # the fit serves the limit alone
+
     def observe(self, features: StepFeatures, seconds: float) -> None:
-        if self.config.max_step_ms:  # the fit serves the limit alone
-            self.step_fit.add(features, seconds)
+        self.step_fit.add(features, seconds)
 
     def chunk_fit(self, plan: StepPlan, seq: Sequence, start: int, pending: int) -> int:
         """Tokens a prompt chunk of ``seq`` from position ``start`` (``pending`` tokens to go)
