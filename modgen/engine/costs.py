@@ -133,15 +133,14 @@ class StepTimeFit:
         self._xty = np.zeros(5)
         self._coef: np.ndarray | None = None
 
-    @classmethod
-    def vector(cls, f: StepFeatures) -> np.ndarray:
-        """The features the fit uses, scaled."""
-        x = [1.0, f.num_tokens, f.num_logits, f.prefill_pairs, f.decode_pairs]
-        return np.asarray(x, dtype=float) * cls._SCALE
+    @staticmethod
+    def features(f: StepFeatures) -> np.ndarray:
+        """The features the fit uses, in the order of ``coefficients``."""
+        return np.array([1.0, f.num_tokens, f.num_logits, f.prefill_pairs, f.decode_pairs])
 
     def add(self, f: StepFeatures, seconds: float) -> None:
         """One step that ran: its features and its seconds."""
-        x = self.vector(f)
+        x = self.features(f) * self._SCALE
         self._xtx = self.decay * self._xtx + np.outer(x, x)
         self._xty = self.decay * self._xty + x * seconds
         self.steps += 1
@@ -172,5 +171,4 @@ class StepTimeFit:
         coef = self.coefficients()
         if coef is None:
             return None
-        x = [1.0, f.num_tokens, f.num_logits, f.prefill_pairs, f.decode_pairs]
-        return float(np.dot(coef, x))
+        return float(np.dot(coef, self.features(f)))

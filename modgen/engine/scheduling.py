@@ -155,11 +155,10 @@ class Scheduler(ABC):
 
     def observe(self, features: StepFeatures, seconds: float) -> None:  # noqa: B027 (optional)
         """Called by the engine after each step that ran, while ``observes_steps``: what the step
-        held (``features``,
-        read before its sequences advanced) and how long it took by the engine's clock, from
-        planning to its tokens committed (measured, or predicted by a simulated executor): the
-        step's ``StepStats.duration``. A policy that sizes steps by time learns here; by
-        default nothing."""
+        held (``features``, read before its sequences advanced) and how long it took by the
+        engine's clock, from planning to its tokens committed (measured, or predicted by a
+        simulated executor): the step's ``StepStats.duration``. A policy that sizes steps by
+        time learns here; by default nothing."""
 
     @abstractmethod
     def schedule(self) -> StepPlan:
