@@ -47,9 +47,11 @@ def build(name: str, spec: str, isa: str) -> ctypes.CDLL:
 def attention_cases(isa: str) -> dict[str, Callable[[], torch.Tensor]]:
     """One layer's attention call on a few step shapes."""
 
-    def case(q_lens: list[int], ctx_lens: list[int], shared: bool = False):
+    def case(q_lens: list[int], ctx_lens: list[int], shared: bool = False, runs: bool = False):
         b, slots = random_batch(q_lens, ctx_lens, 16, seed=0)
         tables = b.block_tables[:1].expand_as(b.block_tables).contiguous() if shared else None
+        if runs:  # each sequence's blocks in one run, as the blocked allocator hands them out
+            tables = torch.arange(b.block_tables.numel()).view_as(b.block_tables)
         gen = torch.Generator().manual_seed(0)
         kc, vc = (torch.randn(slots, 2, 64, generator=gen) for _ in "kv")
         q = torch.randn(b.num_tokens, 8, 64, generator=gen)
@@ -58,7 +60,8 @@ def attention_cases(isa: str) -> dict[str, Callable[[], torch.Tensor]]:
         return lambda: cpu.paged_attention(*args, isa=isa)
 
     return {
-        "256 dec @1024": case([1] * 256, [1024] * 256),  # keys from memory
+        "256 dec @1024": case([1] * 256, [1024] * 256),  # keys from memory, blocks shuffled
+        "256 dec @1024 run": case([1] * 256, [1024] * 256, runs=True),  # in runs
         "64 dec @256": case([1] * 64, [256] * 64),
         "256 dec @512 hot": case([1] * 256, [512] * 256, shared=True),  # one table: in cache
         "prompt 512": case([512], [512]),
