@@ -96,6 +96,8 @@ constexpr int CG = DC < (NREG / 2) / RB ? DC : (NREG / 2) / RB;
 static_assert(KT % W == 0 && KT % NJ == 0, "a key tile is whole vectors and whole key blocks");
 static_assert(KT % 8 == 0, "the broadcast scores take keys eight at a time");
 constexpr int QB = HEAD_DIM / 4 > 0 ? HEAD_DIM / 4 : 1;  // head dim in four-float chunks
+// Scores are kept in log2 units (the query scale carries log2(e)), so the softmax takes vexp2.
+constexpr float LOG2E = 1.44269504088896341f;
 
 using namespace modgen;
 
@@ -174,9 +176,9 @@ inline void load_query(const Args &a, int64_t t, int64_t head, float *dst) {
   const float *x = a.q + t * a.q_stride + head * HEAD_DIM;
   if (a.cos != nullptr) {
     rope(x, a.cos + t * a.rot_dim, a.sin + t * a.rot_dim, a.rot_dim, dst);
-    for (int d = 0; d < HEAD_DIM; ++d) dst[d] *= a.scale;
+    for (int d = 0; d < HEAD_DIM; ++d) dst[d] *= a.scale * LOG2E;
   } else {
-    for (int d = 0; d < HEAD_DIM; ++d) dst[d] = x[d] * a.scale;
+    for (int d = 0; d < HEAD_DIM; ++d) dst[d] = x[d] * (a.scale * LOG2E);
   }
 }
 
@@ -366,12 +368,12 @@ inline void decode_softmax_row(const Args &a, Scratch &s, int r, vf *sc, int64_t
   if (m_new != neg_inf) {
     vf vsum = vf{};
     for (int h = 0; h < NV; ++h) {
-      const vf pr = vexp(sc[h] - m_new) * keep[h];
+      const vf pr = vexp2(sc[h] - m_new) * keep[h];
       store(s.pk[r] + h * W, pr);
       vsum += pr;
     }
     const float sum = hsum(vsum);
-    alpha = s.m[r] == neg_inf ? 0.0f : std::exp(s.m[r] - m_new);
+    alpha = s.m[r] == neg_inf ? 0.0f : std::exp2(s.m[r] - m_new);
     s.l[r] = s.l[r] * alpha + sum;
     s.m[r] = m_new;
   } else {
@@ -476,13 +478,13 @@ inline void group_softmax(const Args &a, Scratch &s, int r0, vf *sc, int64_t p0,
   vf sum = vf{};
   float *p = s.pk[r0];
   for (int h = 0; h < NV; ++h) {
-    const vf pr = sc[h] == neg_inf ? vf{} : vexp(sc[h] - m_safe);
+    const vf pr = sc[h] == neg_inf ? vf{} : vexp2(sc[h] - m_safe);
     store(p + h * W, pr);
     sum += pr;
   }
   sum += swap_lanes<2>(sum, lanes);
   sum += swap_lanes<1>(sum, lanes);
-  const vf alpha = m_old == neg_inf ? vf{} : vexp(m_old - m_safe);
+  const vf alpha = m_old == neg_inf ? vf{} : vexp2(m_old - m_safe);
   for (int i = 0; i < RB; ++i) {
     s.l[r0 + i] = s.l[r0 + i] * alpha[4 * i] + sum[4 * i];
     s.m[r0 + i] = m_new[4 * i];
@@ -757,11 +759,11 @@ void attend_rows(const Args &a, const Item &it, Scratch &s) {
       }
       const vi none = mx == neg_inf;  // rows that see no key yet
       const vf m_safe = none ? vf{} : mx;
-      alpha[c] = m[c] == neg_inf ? vf{} : vexp(m[c] - m_safe);
+      alpha[c] = m[c] == neg_inf ? vf{} : vexp2(m[c] - m_safe);
       vf sum = vf{};
       for (int j = 0; j < nk; ++j) {
         const vf sj = s.p[j][c];
-        const vf pj = sj == neg_inf ? vf{} : vexp(sj - m_safe);
+        const vf pj = sj == neg_inf ? vf{} : vexp2(sj - m_safe);
         s.p[j][c] = pj;
         sum += pj;
       }
