@@ -21,8 +21,9 @@ from modgen.plugins.attention.torch_ref import TorchAttention
 from modgen.plugins.models.blocks.cpu_ops import CppOps
 from modgen.plugins.models.blocks.position import rotate
 
-Q_LENS = [1, 7, 1, 12, 3, 1, 70]  # decodes, short chunks, a chunk of several tiles
-CTX_LENS = [9, 7, 20, 40, 13, 1, 100]
+# decodes (one over three key tiles), short chunks, a chunk of several query and key tiles
+Q_LENS = [1, 7, 1, 12, 3, 1, 70, 1]
+CTX_LENS = [9, 7, 20, 40, 13, 1, 100, 150]
 
 
 def qkv_rope(num_tokens: int, hq: int, hkv: int, d: int, seed: int = 0):
@@ -39,7 +40,7 @@ def qkv_rope(num_tokens: int, hq: int, hkv: int, d: int, seed: int = 0):
 _REPEAT = -(-2 * torch.get_num_threads() // len(Q_LENS))
 LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV head
     "many": (Q_LENS * _REPEAT, CTX_LENS * _REPEAT),
-    "few": ([1, 2], [45, 30]),
+    "few": ([1, 2], [150, 30]),
 }
 
 
