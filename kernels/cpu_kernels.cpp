@@ -539,6 +539,92 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
   }
 }
 
+// ---- decode tiles of two groups, keys read in row order (the AVX-512 build, see PAIRS) --------
+// A tile of two score groups (the common merged tile: one query, two KV heads of four query heads
+// each) reads each key's cache row front to back: its scores take four keys a step with both
+// groups' products side by side, its value products both groups for each key. Read head by head
+// (group_scores, decode_pv: four lines of each 512-byte row, then the other four), the rows' lines
+// come out of order, the hardware prefetchers do not follow, and a loop that only reads the cache
+// that way ran at 44 GB/s on Zen 5 where reading whole rows in turn ran at 68 (blocks in runs, as
+// the blocked allocator hands them out; docs/notes.md).
+#ifndef MODGEN_PAIRS
+#define MODGEN_PAIRS 1
+#endif
+constexpr bool PAIRS = MODGEN_PAIRS && BCAST && DC <= 4;
+
+inline void in_register(vf &v);  // (the prompt path's, below)
+
+// Both groups' scores against a key tile (group_scores' layout, keys in order): sc[g][h], lane
+// 4i + e, is group g's row i's score of key 4h + e; h0 and h1 are the groups' KV head offsets.
+inline void pair_scores(const Scratch &s, const float *const *kp, int64_t h0, int64_t h1,
+                        vf (*sc)[KT / 4], const Ahead &pf) {
+  constexpr auto lanes = std::make_index_sequence<W>{};
+  for (int t = 0; t < KT / 4; ++t) {
+    const float *k[2][4];
+    for (int j = 0; j < 4; ++j) {
+      k[0][j] = kp[4 * t + j] + h0;
+      k[1][j] = kp[4 * t + j] + h1;
+    }
+    vf acc[2][4];
+    for (int g = 0; g < 2; ++g)
+      for (int j = 0; j < 4; ++j) acc[g][j] = s.qb[g][0] * bcast4(k[g][j]);
+    for (int c = 1; c < QB; ++c) {
+      if (c <= 4 && 4 * t + c - 1 < pf.n) pf.fetch(pf.k[4 * t + c - 1]);
+      for (int g = 0; g < 2; ++g) {
+        const vf q = s.qb[g][c];
+        for (int j = 0; j < 4; ++j) acc[g][j] += q * bcast4(k[g][j] + 4 * c);
+      }
+    }
+    if constexpr (QB < 5)
+      for (int j = QB - 1; j < 4; ++j)
+        if (4 * t + j < pf.n) pf.fetch(pf.k[4 * t + j]);
+    for (int g = 0; g < 2; ++g)
+      sc[g][t] = fold_pair(fold_half(acc[g][0], acc[g][1], lanes),
+                           fold_half(acc[g][2], acc[g][3], lanes), lanes);
+  }
+}
+
+// Rows R0 and R0 + 1 of both groups: acc = acc * alpha + p @ v over nk keys, each key's values
+// for both groups read together (probabilities in group_softmax's layout).
+template <int R0>
+inline void pair_pv(Scratch &s, const float *const *vp, int64_t h0, int64_t h1, int nk,
+                    const Ahead &pf) {
+  vf acc[2][2][DC];
+  for (int g = 0; g < 2; ++g)
+    for (int i = 0; i < 2; ++i)
+      for (int c = 0; c < DC; ++c)
+        acc[g][i][c] = s.acc[g * RB + R0 + i][c] * s.alpha[g * RB + R0 + i];
+  for (int j = 0; j < nk; ++j) {
+    if (j < pf.n) pf.fetch(pf.v[j]);
+    for (int g = 0; g < 2; ++g) {
+      const float *v = vp[j] + (g == 0 ? h0 : h1);
+      const float *pg = s.pk[g * RB] + (j / 4) * W + j % 4;
+      for (int c = 0; c < DC; ++c) {
+        vf vv = load_chunk(v, c);
+        in_register(vv);
+        for (int i = 0; i < 2; ++i) acc[g][i][c] += pg[4 * (R0 + i)] * vv;
+      }
+    }
+  }
+  for (int j = nk; j < pf.n; ++j) pf.fetch(pf.v[j]);  // this tile is short: the rest
+  for (int g = 0; g < 2; ++g)
+    for (int i = 0; i < 2; ++i)
+      for (int c = 0; c < DC; ++c) s.acc[g * RB + R0 + i][c] = acc[g][i][c];
+}
+
+// One key tile of a two-group decode tile: scores, both groups' softmax, the value products
+// (the next tiles' keys and values prefetched along, as the other paths do).
+inline void pair_tile(const Args &a, Scratch &s, const float *const *kp, const float *const *vp,
+                      const int64_t *hoff, int64_t p0, int nk, bool partial, const Ahead &pf) {
+  vf sc[2][KT / 4];
+  pair_scores(s, kp, hoff[0], hoff[RB], sc, pf);
+  group_softmax(a, s, 0, sc[0], p0, nk, partial);
+  group_softmax(a, s, RB, sc[1], p0, nk, partial);
+  static_assert(!PAIRS || RB == 4, "two passes of two rows a group");
+  pair_pv<0>(s, vp, hoff[0], hoff[RB], nk, pf);
+  pair_pv<2>(s, vp, hoff[0], hoff[RB], nk, no_ahead);
+}
+
 // The key positions [lo, hi) a tile's queries see (lo > 0 only under a sliding window).
 inline void key_span(const Args &a, const Item &it, int64_t *lo, int64_t *hi) {
   const int64_t qlen = a.query_start[it.seq + 1] - a.query_start[it.seq];
@@ -590,6 +676,8 @@ void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
   const int64_t first = s.qpos[0], last = s.qpos[rows_pad - 1];
   int64_t lo, hi;
   key_span(a, it, &lo, &hi);
+  // two whole groups, each on one KV head: whole cache rows at a time (see PAIRS)
+  const bool pairs = PAIRS && rows == 2 * RB && one_head(hoff, 0, RB) && one_head(hoff, RB, RB);
 
   const float *kp[KT];
   const float *vp[KT];
@@ -612,7 +700,11 @@ void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
     if (ahead < hi) prefetch_tile(a, table, it.head, it.nh, ahead, hi);
 #endif
     const bool partial = nk < KT || p0 + KT - 1 > first || (a.window > 0 && p0 <= last - a.window);
-      decode_tile_softmax(a, s, rows_pad, kp, hoff, p0, nk, partial, pf);
+    if (pairs) {
+      pair_tile(a, s, kp, vp, hoff, p0, nk, partial, pf);
+      continue;
+    }
+    decode_tile_softmax(a, s, rows_pad, kp, hoff, p0, nk, partial, pf);
     for (int c0 = 0; c0 + CG <= DC; c0 += CG)
       for (int r0 = 0; r0 < rows_pad; r0 += RB) {
         const Ahead &ahead_v = r0 == 0 && c0 == 0 ? pf : no_ahead;

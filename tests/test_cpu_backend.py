@@ -21,9 +21,10 @@ from modgen.plugins.attention.torch_ref import TorchAttention
 from modgen.plugins.models.blocks.cpu_ops import CppOps
 from modgen.plugins.models.blocks.position import rotate
 
-# decodes (one over three key tiles), short chunks, a chunk of several query and key tiles
-Q_LENS = [1, 7, 1, 12, 3, 1, 70, 1]
-CTX_LENS = [9, 7, 20, 40, 13, 1, 100, 150]
+# decodes (one over three key tiles), short chunks (one of two tokens over two key tiles), a
+# chunk of several query and key tiles
+Q_LENS = [1, 7, 1, 12, 3, 1, 70, 1, 2]
+CTX_LENS = [9, 7, 20, 40, 13, 1, 100, 150, 90]
 
 
 def qkv_rope(num_tokens: int, hq: int, hkv: int, d: int, seed: int = 0):
@@ -46,7 +47,8 @@ LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize(
-    ("hq", "hkv", "d"), [(4, 2, 16), (8, 2, 64), (6, 6, 40), (16, 1, 32), (3, 3, 24)]
+    ("hq", "hkv", "d"),
+    [(4, 2, 16), (8, 2, 64), (4, 1, 64), (6, 6, 40), (16, 1, 32), (3, 3, 24)],
 )
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("lens", LENS)
