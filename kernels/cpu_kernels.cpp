@@ -544,9 +544,9 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
 // each) reads each key's cache row front to back: its scores take four keys a step with both
 // groups' products side by side, its value products both groups for each key. Read head by head
 // (group_scores, decode_pv: four lines of each 512-byte row, then the other four), the rows' lines
-// come out of order, the hardware prefetchers do not follow, and a loop that only reads the cache
-// that way ran at 44 GB/s on Zen 5 where reading whole rows in turn ran at 68 (blocks in runs, as
-// the blocked allocator hands them out; docs/notes.md).
+// come out of order and the hardware prefetchers do not follow: a loop that only reads the cache
+// that way (experiments/decode_read_order.cpp) ran at 47 GB/s on Zen 5 where reading whole rows
+// in turn ran at 61 (blocks in runs, as the blocked allocator hands them out; docs/notes.md).
 #ifndef MODGEN_PAIRS
 #define MODGEN_PAIRS 1
 #endif
