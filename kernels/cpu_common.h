@@ -54,24 +54,53 @@ inline __m512 to_m512(vf v) {
 }
 #endif
 
-// x clamped to [-87, 88] (see vexp) by one max and one min, x the second operand of each so that
-// a NaN stays NaN. Written as comparisons (x < -87 ? -87 : x) GCC made a compare and a blend of
-// each: prompt tiles ran 2-3% slower with AVX-512, 1-2% with AVX2 (docs/notes.md).
-inline vf clamp_exp_arg(vf x) {
+// x clamped to [lo, hi] by one max and one min, x the second operand of each so that a NaN stays
+// NaN. Written as comparisons (x < lo ? lo : x) GCC made a compare and a blend of each: prompt
+// tiles ran 2-3% slower with AVX-512, 1-2% with AVX2 (docs/notes.md).
+inline vf clamp(vf x, float lo, float hi) {
 #if defined(__AVX512F__)
-  const __m512 r = _mm512_min_ps(_mm512_set1_ps(88.0f),
-                                 _mm512_max_ps(_mm512_set1_ps(-87.0f), to_m512(x)));
+  const __m512 r = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), to_m512(x)));
   std::memcpy(&x, &r, sizeof(x));
   return x;
 #elif defined(__AVX2__)
   __m256 v;
   std::memcpy(&v, &x, sizeof(v));
-  const __m256 r = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), v));
+  const __m256 r = _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v));
   std::memcpy(&x, &r, sizeof(x));
   return x;
 #else
-  x = x < -87.0f ? vf{} - 87.0f : x;
-  return x > 88.0f ? vf{} + 88.0f : x;
+  x = x < lo ? vf{} + lo : x;
+  return x > hi ? vf{} + hi : x;
+#endif
+}
+
+// t rounded to the nearest integer, ties to even (vrndscaleps with AVX-512, else a magic-number
+// add and subtract: the same bits).
+inline vf round_even(vf t) {
+#if defined(__AVX512F__) && MODGEN_SCALEF
+  vf n;
+  const __m512 r = _mm512_roundscale_ps(to_m512(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  std::memcpy(&n, &r, sizeof(n));
+  return n;
+#else
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  return (t + magic) - magic;
+#endif
+}
+
+// y * 2^n for whole n in [-126, 127] (vscalefps with AVX-512, else n shifted into an exponent
+// field: the same bits).
+inline vf times_pow2(vf y, vf n) {
+#if defined(__AVX512F__) && MODGEN_SCALEF
+  const __m512 r = _mm512_scalef_ps(to_m512(y), to_m512(n));
+  vf out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+#else
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
 #endif
 }
 
@@ -82,17 +111,8 @@ inline vf clamp_exp_arg(vf x) {
 // AVX-512 the rounding and the scaling by 2^n are one instruction each (vrndscaleps, vscalefps),
 // bit for bit the results of the portable code: prompt tiles 1-1.5% faster on Zen 5.
 inline vf vexp(vf x) {
-  x = clamp_exp_arg(x);
-  vf t = x * 1.44269504088896341f;
-#if defined(__AVX512F__) && MODGEN_SCALEF
-  vf n;  // t rounded to the nearest integer (ties to even, as the magic number below)
-  const __m512 rn =
-      _mm512_roundscale_ps(to_m512(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  std::memcpy(&n, &rn, sizeof(n));
-#else
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (t + magic) - magic;
-#endif
+  x = clamp(x, -87.0f, 88.0f);
+  const vf n = round_even(x * 1.44269504088896341f);
   vf f = x - n * 0.693359375f;
   f = f + n * 2.12194440e-4f;
   vf p = vf{} + 1.9875691500e-4f;
@@ -101,18 +121,7 @@ inline vf vexp(vf x) {
   p = p * f + 4.1665795894e-2f;
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
-  vf y = p * f * f + f + 1.0f;
-#if defined(__AVX512F__) && MODGEN_SCALEF
-  const __m512 r = _mm512_scalef_ps(to_m512(y), to_m512(n));  // y * 2^n, exact
-  vf out;
-  std::memcpy(&out, &r, sizeof(out));
-  return out;
-#else
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-#endif
+  return times_pow2(p * f * f + f + 1.0f, n);
 }
 
 // 2^t for a vector, the attention softmax's exp (its scores come in log2 units: the query scale
@@ -122,23 +131,8 @@ inline vf vexp(vf x) {
 // to [-126, 127]: 2^-126 is float's smallest normal (masked lanes are zeroed apart), and 2^127.5
 // is still finite.
 inline vf vexp2(vf t) {
-#if defined(__AVX512F__)
-  const __m512 c = _mm512_min_ps(_mm512_set1_ps(127.0f),
-                                 _mm512_max_ps(_mm512_set1_ps(-126.0f), to_m512(t)));
-  std::memcpy(&t, &c, sizeof(t));
-#else
-  t = t < -126.0f ? vf{} - 126.0f : t;
-  t = t > 127.0f ? vf{} + 127.0f : t;
-#endif
-#if defined(__AVX512F__) && MODGEN_SCALEF
-  vf n;
-  const __m512 rn =
-      _mm512_roundscale_ps(to_m512(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  std::memcpy(&n, &rn, sizeof(n));
-#else
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (t + magic) - magic;
-#endif
+  t = clamp(t, -126.0f, 127.0f);
+  const vf n = round_even(t);
   const vf f = t - n;
   vf p = vf{} + 1.5403530393381606e-4f;  // (ln 2)^k / k!, k = 6 .. 1
   p = p * f + 1.3333558146428443e-3f;
@@ -146,18 +140,7 @@ inline vf vexp2(vf t) {
   p = p * f + 5.5504108664821580e-2f;
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
-  const vf y = p * f + 1.0f;
-#if defined(__AVX512F__) && MODGEN_SCALEF
-  const __m512 r = _mm512_scalef_ps(to_m512(y), to_m512(n));  // y * 2^n, exact
-  vf out;
-  std::memcpy(&out, &r, sizeof(out));
-  return out;
-#else
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-#endif
+  return times_pow2(p * f + 1.0f, n);
 }
 
 // silu(g) = g / (1 + e^-g): SwiGLU's gate, in the element-wise kernel and the GEMM's epilogue
