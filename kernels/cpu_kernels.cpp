@@ -11,8 +11,9 @@
 // chunks) vectorise both products over query rows (broadcasting one key or value element at a
 // time); tiles with few (decodes; every KV head of a sequence in one tile when there are enough
 // sequences to fill the threads) take dot products over the head dim (the AVX-512 build: the
-// query heads that share a KV head as one vector, four dims each, see group_scores). Layouts:
-// see ModgenAttentionCall.
+// query heads that share a KV head as one vector, four dims each, see group_scores; and a tile of
+// two such groups reads each key's cache row whole, see pair_scores). Layouts: see
+// ModgenAttentionCall.
 //
 // Built at run time by modgen/kernels/cpu.py with -DHEAD_DIM=<d>, once per instruction set
 // (cpu.py's ISA table), with no torch headers (half a second); the torch operator
@@ -278,6 +279,22 @@ inline vf load_chunk(const float *src, int c) {
     std::memcpy(&v, src + c * W, n * sizeof(float));
     return v;
   }
+}
+
+// Keep v in a register: without this GCC folds each reuse of a loaded vector into its FMA as a
+// memory operand, so the products' inner loops load as often as they multiply (and on Zen 4 the
+// loads, not the FMAs, set the pace). Held in registers, prompt tiles ran 15-20% faster with
+// AVX-512 and 5-10% with AVX2 (docs/notes.md).
+inline void in_register(vf &v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));  // any of the 32 vector registers
+#elif defined(__x86_64__)
+  asm("" : "+x"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#else
+  (void)v;
+#endif
 }
 
 // ---- decode path: few query rows, dot products over the head dim --------------------------
@@ -551,8 +568,7 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
 #define MODGEN_PAIRS 1
 #endif
 constexpr bool PAIRS = MODGEN_PAIRS && BCAST && DC <= 4;
-
-inline void in_register(vf &v);  // (the prompt path's, below)
+static_assert(!PAIRS || RB == 4, "pair_pv: two passes of two rows a group");
 
 // Both groups' scores against a key tile (group_scores' layout, keys in order): sc[g][h], lane
 // 4i + e, is group g's row i's score of key 4h + e; h0 and h1 are the groups' KV head offsets.
@@ -620,7 +636,6 @@ inline void pair_tile(const Args &a, Scratch &s, const float *const *kp, const f
   pair_scores(s, kp, hoff[0], hoff[RB], sc, pf);
   group_softmax(a, s, 0, sc[0], p0, nk, partial);
   group_softmax(a, s, RB, sc[1], p0, nk, partial);
-  static_assert(!PAIRS || RB == 4, "two passes of two rows a group");
   pair_pv<0>(s, vp, hoff[0], hoff[RB], nk, pf);
   pair_pv<2>(s, vp, hoff[0], hoff[RB], nk, no_ahead);
 }
@@ -733,22 +748,6 @@ void attend_keys(const Args &a, const Item &it, const Item *next, Scratch &s) {
 }
 
 // ---- prompt path: many query rows, products vectorised over rows ---------------------------
-
-// Keep v in a register: without this GCC folds each reuse of a loaded vector into its FMA as a
-// memory operand, so the products' inner loops load as often as they multiply (and on Zen 4 the
-// loads, not the FMAs, set the pace). Held in registers, prompt tiles ran 15-20% faster with
-// AVX-512 and 5-10% with AVX2 (docs/notes.md).
-inline void in_register(vf &v) {
-#if defined(__AVX512F__)
-  asm("" : "+v"(v));  // any of the 32 vector registers
-#elif defined(__x86_64__)
-  asm("" : "+x"(v));
-#elif defined(__aarch64__)
-  asm("" : "+w"(v));
-#else
-  (void)v;
-#endif
-}
 
 // Scores of NJ keys against N row vectors: p[j][c] = sum_d k_j[d] * qt[d][c].
 template <int N>
