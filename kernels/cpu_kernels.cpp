@@ -533,9 +533,45 @@ static_assert(RB % GQ == 0, "score groups tile the padded rows");
 #endif
 constexpr bool BCAST = MODGEN_BCAST && W == 16 && RB * 4 == W && HEAD_DIM % 4 == 0 && GQ == RB;
 
+// Scores of rows 0 .. 2H - 1 whose halves read two KV heads (hoff[0], hoff[H]), each key's two
+// head slices read one after the other (its whole cache row when the heads are neighbours) rather
+// than head by head over the tile: the dot-product builds' counterpart of pair_scores.
+#ifndef MODGEN_HALVES
+#define MODGEN_HALVES 1
+#endif
+constexpr int HH = 4;  // rows a head in the tiles that take decode_scores_halves
+constexpr bool HALVES = MODGEN_HALVES && !BCAST && 2 * HH <= DECODE_ROWS;
+
+inline void decode_scores_halves(const Scratch &s, const float *const *kp, const int64_t *hoff,
+                                 vf (*sc)[KT / W], const Ahead &pf) {
+  for (int h = 0; h < KT / W; ++h) {
+    vf t[2 * HH][W];
+    for (int j = 0; j < W; ++j) {
+      if (h * W + j < pf.n) pf.fetch(pf.k[h * W + j]);
+      for (int half = 0; half < 2; ++half) {
+        const float *k = kp[h * W + j] + hoff[half * HH];
+        vf kc[DC];
+        for (int c = 0; c < DC; ++c) kc[c] = load_chunk(k, c);
+        for (int i = half * HH; i < (half + 1) * HH; ++i) {
+          vf dot = s.qv[i][0] * kc[0];
+          for (int c = 1; c < DC; ++c) dot += s.qv[i][c] * kc[c];
+          t[i][tree_slots.slot[j]] = dot;
+        }
+      }
+    }
+    for (int i = 0; i < 2 * HH; ++i) sc[i][h] = tree_sum(t[i]);
+  }
+}
+
 inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const float *const *kp,
                                 const int64_t *hoff, int64_t p0, int nk, bool partial,
                                 const Ahead &pf) {
+  if (HALVES && rows_pad == 2 * HH && one_head(hoff, 0, HH) && one_head(hoff, HH, HH)) {
+    vf sc[2 * HH][KT / W];
+    decode_scores_halves(s, kp, hoff, sc, pf);
+    for (int i = 0; i < 2 * HH; ++i) decode_softmax_row(a, s, i, sc[i], p0, nk, partial);
+    return;
+  }
   vf sc[GQ][KT / W];
   for (int r0 = 0; r0 < rows_pad; r0 += GQ) {
     if (BCAST && one_head(hoff, r0, GQ)) {  // (GQ = RB: the group is a register block)
