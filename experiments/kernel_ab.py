@@ -51,7 +51,10 @@ def attention_cases(isa: str) -> dict[str, Callable[[], torch.Tensor]]:
         b, slots = random_batch(q_lens, ctx_lens, 16, seed=0)
         tables = b.block_tables[:1].expand_as(b.block_tables).contiguous() if shared else None
         if runs:  # each sequence's blocks in one run, as the blocked allocator hands them out
-            tables = torch.arange(b.block_tables.numel()).view_as(b.block_tables)
+            n = (b.context_lens + 15) // 16  # blocks of each sequence
+            first = torch.cumsum(n, 0) - n
+            col = torch.arange(b.block_tables.shape[1])
+            tables = torch.where(col < n[:, None], first[:, None] + col, 0)
         gen = torch.Generator().manual_seed(0)
         kc, vc = (torch.randn(slots, 2, 64, generator=gen) for _ in "kv")
         q = torch.randn(b.num_tokens, 8, 64, generator=gen)
