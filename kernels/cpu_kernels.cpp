@@ -340,26 +340,30 @@ inline void decode_pv(Scratch &s, int r0, int c0, const float *const *vp, const 
     for (int c = 0; c < N; ++c) s.acc[r0 + i][c0 + c] = acc[i][c];
 }
 
-// Scores of G query rows r0 .. r0 + G - 1 that share one KV head against a key tile, one score
-// vector per W keys: each key's head-dim vectors are loaded once for the G rows (grouped-query
-// heads read the same keys), and W keys' dot products are summed by one tree per row.
-template <int G>
-inline void decode_scores(const Scratch &s, int r0, const float *const *kp, int64_t hoff,
+// Scores of NH x G query rows from r0 against a key tile, one score vector per W keys: rows
+// r0 + h G .. r0 + h G + G - 1 share the KV head at hoff[r0 + h G], whose head-dim vectors of each
+// key are loaded once for those G rows (grouped-query heads read the same keys), and W keys' dot
+// products are summed by one tree per row. With NH = 2 (the two-half tiles, HALVES) each key's
+// two head slices are read one after the other: its whole cache row when the heads neighbour.
+template <int G, int NH = 1>
+inline void decode_scores(const Scratch &s, int r0, const float *const *kp, const int64_t *hoff,
                           vf (*sc)[KT / W], const Ahead &pf) {
   for (int h = 0; h < KT / W; ++h) {
-    vf t[G][W];
+    vf t[NH * G][W];
     for (int j = 0; j < W; ++j) {
       if (h * W + j < pf.n) pf.fetch(pf.k[h * W + j]);
-      const float *k = kp[h * W + j] + hoff;
-      vf kc[DC];
-      for (int c = 0; c < DC; ++c) kc[c] = load_chunk(k, c);
-      for (int i = 0; i < G; ++i) {
-        vf dot = s.qv[r0 + i][0] * kc[0];
-        for (int c = 1; c < DC; ++c) dot += s.qv[r0 + i][c] * kc[c];
-        t[i][tree_slots.slot[j]] = dot;
+      for (int slice = 0; slice < NH; ++slice) {
+        const float *k = kp[h * W + j] + hoff[r0 + slice * G];
+        vf kc[DC];
+        for (int c = 0; c < DC; ++c) kc[c] = load_chunk(k, c);
+        for (int i = slice * G; i < (slice + 1) * G; ++i) {
+          vf dot = s.qv[r0 + i][0] * kc[0];
+          for (int c = 1; c < DC; ++c) dot += s.qv[r0 + i][c] * kc[c];
+          t[i][tree_slots.slot[j]] = dot;
+        }
       }
     }
-    for (int i = 0; i < G; ++i) sc[i][h] = tree_sum(t[i]);
+    for (int i = 0; i < NH * G; ++i) sc[i][h] = tree_sum(t[i]);
   }
 }
 
@@ -533,42 +537,21 @@ static_assert(RB % GQ == 0, "score groups tile the padded rows");
 #endif
 constexpr bool BCAST = MODGEN_BCAST && W == 16 && RB * 4 == W && HEAD_DIM % 4 == 0 && GQ == RB;
 
-// Scores of rows 0 .. 2H - 1 whose halves read two KV heads (hoff[0], hoff[H]), each key's two
-// head slices read one after the other (its whole cache row when the heads are neighbours) rather
-// than head by head over the tile: the dot-product builds' counterpart of pair_scores.
+// Tiles of two four-row halves, each on one KV head, take their scores key by key, both heads'
+// slices of each key together (decode_scores with NH = 2), rather than head by head over the
+// tile: the dot-product builds' counterpart of pair_scores.
 #ifndef MODGEN_HALVES
 #define MODGEN_HALVES 1
 #endif
-constexpr int HH = 4;  // rows a head in the tiles that take decode_scores_halves
+constexpr int HH = 4;  // rows a head in those tiles
 constexpr bool HALVES = MODGEN_HALVES && !BCAST && 2 * HH <= DECODE_ROWS;
-
-inline void decode_scores_halves(const Scratch &s, const float *const *kp, const int64_t *hoff,
-                                 vf (*sc)[KT / W], const Ahead &pf) {
-  for (int h = 0; h < KT / W; ++h) {
-    vf t[2 * HH][W];
-    for (int j = 0; j < W; ++j) {
-      if (h * W + j < pf.n) pf.fetch(pf.k[h * W + j]);
-      for (int half = 0; half < 2; ++half) {
-        const float *k = kp[h * W + j] + hoff[half * HH];
-        vf kc[DC];
-        for (int c = 0; c < DC; ++c) kc[c] = load_chunk(k, c);
-        for (int i = half * HH; i < (half + 1) * HH; ++i) {
-          vf dot = s.qv[i][0] * kc[0];
-          for (int c = 1; c < DC; ++c) dot += s.qv[i][c] * kc[c];
-          t[i][tree_slots.slot[j]] = dot;
-        }
-      }
-    }
-    for (int i = 0; i < 2 * HH; ++i) sc[i][h] = tree_sum(t[i]);
-  }
-}
 
 inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const float *const *kp,
                                 const int64_t *hoff, int64_t p0, int nk, bool partial,
                                 const Ahead &pf) {
   if (HALVES && rows_pad == 2 * HH && one_head(hoff, 0, HH) && one_head(hoff, HH, HH)) {
     vf sc[2 * HH][KT / W];
-    decode_scores_halves(s, kp, hoff, sc, pf);
+    decode_scores<HH, 2>(s, 0, kp, hoff, sc, pf);
     for (int i = 0; i < 2 * HH; ++i) decode_softmax_row(a, s, i, sc[i], p0, nk, partial);
     return;
   }
@@ -581,11 +564,11 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
       continue;
     }
     if (one_head(hoff, r0, GQ)) {
-      decode_scores<GQ>(s, r0, kp, hoff[r0], sc, r0 == 0 ? pf : no_ahead);
+      decode_scores<GQ>(s, r0, kp, hoff, sc, r0 == 0 ? pf : no_ahead);
       for (int i = 0; i < GQ; ++i) decode_softmax_row(a, s, r0 + i, sc[i], p0, nk, partial);
     } else {
       for (int i = 0; i < GQ; ++i) {
-        decode_scores<1>(s, r0 + i, kp, hoff[r0 + i], sc, r0 + i == 0 ? pf : no_ahead);
+        decode_scores<1>(s, r0 + i, kp, hoff, sc, r0 + i == 0 ? pf : no_ahead);
         decode_softmax_row(a, s, r0 + i, sc[0], p0, nk, partial);
       }
     }
