@@ -586,8 +586,9 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
 #ifndef MODGEN_PAIRS
 #define MODGEN_PAIRS 1
 #endif
-constexpr bool PAIRS = MODGEN_PAIRS && BCAST && DC <= 4;
-static_assert(!PAIRS || RB == 4, "pair_pv: two passes of two rows a group");
+constexpr bool PAIRS = MODGEN_PAIRS && BCAST && DC <= 8;
+constexpr int PR = DC <= 4 ? 2 : 1;  // rows of each group a pair_pv pass: 2 x PR x DC <= 16
+static_assert(!PAIRS || RB % PR == 0, "pair_pv's passes tile a group's rows");
 
 // Both groups' scores against a key tile (group_scores' layout, keys in order): sc[g][h], lane
 // 4i + e, is group g's row i's score of key 4h + e; h0 and h1 are the groups' KV head offsets.
@@ -619,14 +620,14 @@ inline void pair_scores(const Scratch &s, const float *const *kp, int64_t h0, in
   }
 }
 
-// Rows R0 and R0 + 1 of both groups: acc = acc * alpha + p @ v over nk keys, each key's values
-// for both groups read together (probabilities in group_softmax's layout).
+// Rows R0 .. R0 + PR - 1 of both groups: acc = acc * alpha + p @ v over nk keys, each key's
+// values for both groups read together (probabilities in group_softmax's layout).
 template <int R0>
 inline void pair_pv(Scratch &s, const float *const *vp, int64_t h0, int64_t h1, int nk,
                     const Ahead &pf) {
-  vf acc[2][2][DC];
+  vf acc[2][PR][DC];
   for (int g = 0; g < 2; ++g)
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < PR; ++i)
       for (int c = 0; c < DC; ++c)
         acc[g][i][c] = s.acc[g * RB + R0 + i][c] * s.alpha[g * RB + R0 + i];
   for (int j = 0; j < nk; ++j) {
@@ -637,14 +638,22 @@ inline void pair_pv(Scratch &s, const float *const *vp, int64_t h0, int64_t h1, 
       for (int c = 0; c < DC; ++c) {
         vf vv = load_chunk(v, c);
         in_register(vv);
-        for (int i = 0; i < 2; ++i) acc[g][i][c] += pg[4 * (R0 + i)] * vv;
+        for (int i = 0; i < PR; ++i) acc[g][i][c] += pg[4 * (R0 + i)] * vv;
       }
     }
   }
   for (int j = nk; j < pf.n; ++j) pf.fetch(pf.v[j]);  // this tile is short: the rest
   for (int g = 0; g < 2; ++g)
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < PR; ++i)
       for (int c = 0; c < DC; ++c) s.acc[g * RB + R0 + i][c] = acc[g][i][c];
+}
+
+// pair_pv's passes from row R0 on (the first prefetches the next tiles' values).
+template <int R0>
+inline void pair_pv_from(Scratch &s, const float *const *vp, int64_t h0, int64_t h1, int nk,
+                         const Ahead &pf) {
+  pair_pv<R0>(s, vp, h0, h1, nk, pf);
+  if constexpr (R0 + PR < RB) pair_pv_from<R0 + PR>(s, vp, h0, h1, nk, no_ahead);
 }
 
 // One key tile of a two-group decode tile: scores, both groups' softmax, the value products
@@ -655,8 +664,7 @@ inline void pair_tile(const Args &a, Scratch &s, const float *const *kp, const f
   pair_scores(s, kp, hoff[0], hoff[RB], sc, pf);
   group_softmax(a, s, 0, sc[0], p0, nk, partial);
   group_softmax(a, s, RB, sc[1], p0, nk, partial);
-  pair_pv<0>(s, vp, hoff[0], hoff[RB], nk, pf);
-  pair_pv<2>(s, vp, hoff[0], hoff[RB], nk, no_ahead);
+  pair_pv_from<0>(s, vp, hoff[0], hoff[RB], nk, pf);
 }
 
 // The key positions [lo, hi) a tile's queries see (lo > 0 only under a sliding window).
@@ -960,6 +968,9 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
       const int32_t nq = qlen - q0 < tq ? static_cast<int32_t>(qlen - q0) : tq;
       if (merge_heads && nq * a.hq < DECODE_ROWS) {
         items.push_back({static_cast<int32_t>(b), 0, q0, nq, static_cast<int32_t>(a.hkv)});
+      } else if (PAIRS && nq == 1 && g == RB && a.hq >= DECODE_ROWS) {
+        for (int32_t h = 0; h < a.hkv; h += 2)  // two KV heads a tile: two groups (PAIRS)
+          items.push_back({static_cast<int32_t>(b), h, q0, nq, a.hkv - h < 2 ? 1 : 2});
       } else {
         for (int32_t h = 0; h < a.hkv; ++h)
           items.push_back({static_cast<int32_t>(b), h, q0, nq, 1});

@@ -48,7 +48,17 @@ LENS = {  # many sequences: decode tiles take every KV head; few: a tile per KV 
 @pytest.mark.parametrize("block_size", [1, 5, 16])
 @pytest.mark.parametrize(
     ("hq", "hkv", "d"),
-    [(4, 2, 16), (8, 2, 64), (8, 2, 32), (4, 1, 64), (6, 6, 40), (16, 1, 32), (3, 3, 24)],
+    [
+        (4, 2, 16),
+        (8, 2, 64),
+        (8, 2, 32),
+        (4, 1, 64),
+        (16, 4, 64),
+        (8, 2, 128),
+        (6, 6, 40),
+        (16, 1, 32),
+        (3, 3, 24),
+    ],
 )
 @pytest.mark.parametrize("window", [None, 8, 100])  # 100: a window over more than one key tile
 @pytest.mark.parametrize("lens", LENS)
