@@ -576,9 +576,10 @@ inline void decode_tile_softmax(const Args &a, Scratch &s, int rows_pad, const f
 }
 
 // ---- decode tiles of two groups, keys read in row order (the AVX-512 build, see PAIRS) --------
-// A tile of two score groups (the common merged tile: one query, two KV heads of four query heads
-// each) reads each key's cache row front to back: its scores take four keys a step with both
-// groups' products side by side, its value products both groups for each key. Read head by head
+// A tile of two score groups (one query, two KV heads of four query heads each: the merged tile
+// of a model with two KV heads, or a pair of a larger model's) reads each key's cache row (or
+// that pair's part of it) front to back: its scores take four keys a step with both groups'
+// products side by side, its value products both groups for each key. Read head by head
 // (group_scores, decode_pv: four lines of each 512-byte row, then the other four), the rows' lines
 // come out of order and the hardware prefetchers do not follow: a loop that only reads the cache
 // that way (experiments/decode_read_order.cpp) ran at 47 GB/s on Zen 5 where reading whole rows
@@ -959,7 +960,8 @@ int modgen_attention_f32(const ModgenAttentionCall *call) {
   const int32_t tq = static_cast<int32_t>(MAX_ROWS / g);  // queries per tile
   std::vector<Item> items;
   // few-row tiles take every KV head of their sequence (whole cache rows), unless there are too
-  // few sequences to keep every thread busy
+  // few sequences to keep every thread busy; where every head would be too many rows (16 query
+  // heads or more), decodes of four query heads a KV head take two KV heads a tile (PAIRS)
   const bool merge_heads = a.num_seqs >= 2 * omp_get_max_threads();
   // longest sequences' tiles first: prompt chunks come after decodes in a batch
   for (int64_t b = a.num_seqs - 1; b >= 0; --b) {
