@@ -70,6 +70,10 @@ def attention_cases(isa: str) -> dict[str, Callable[[], torch.Tensor]]:
         "prompt 512": case([512], [512]),
         "chunk 512 @1536": case([512], [1536]),
         "32 dec + 480": case([1] * 32 + [480], [1024] * 32 + [960]),
+        # the short steps of a step-time limit: a few decodes and a small chunk
+        "3 dec + 48 @548": case([1] * 3 + [48], [1000] * 3 + [548], runs=True),
+        "16 dec + 48 @1048": case([1] * 16 + [48], [1000] * 16 + [1048], runs=True),
+        "chunk 48 @548": case([48], [548], runs=True),
     }
 
 
