@@ -16,6 +16,7 @@ from sim_engine import make_engine, run
 from modgen import LLM, SamplingParams, registry
 from modgen.engine.costs import StepFeatures, StepTimeFit, attention_pairs
 from modgen.engine.sequence import SeqStatus
+from modgen.plugins.schedulers.splitfuse import ONLINE_PREFILL_SHARE
 
 LAW = np.array([3e-3, 1e-4, 6e-5, 4e-8, 2.5e-7])  # fixed, per token, logit, prompt pair, key
 
@@ -115,6 +116,59 @@ def test_max_step_ms_bounds_the_steps_that_carry_decodes():
     assert max(s.duration for s in cut) <= 1.05 * limit_ms / 1e3
 
 
+def served_steps(reqs, arrivals, online=True, **knobs):
+    """The simulated engine's steps over ``reqs``, served (``set_online``) or offline, with the
+    scheduler's report and, at the end, its step limit and its typical prompt's predicted
+    prefill (seconds)."""
+    engine = make_engine("splitfuse", token_budget=512, num_blocks=100_000, **knobs)
+    engine.scheduler.set_online(online)
+    seqs = run(engine, reqs, arrivals)
+    assert [s.num_output_tokens for s in seqs] == [g for _, g in reqs]
+    sched = engine.scheduler
+    coef = sched.step_fit.coefficients()
+    n = sorted(sched.prompt_lengths)[(len(sched.prompt_lengths) - 1) // 2]
+    prefill = None  # no fit without a limit to serve
+    if coef is not None:
+        prefill = float(coef[0] + coef[1] * n + coef[2] + coef[3] * attention_pairs(0, n, None))
+    return engine.stats, sched.report(), (sched.step_limit(), prefill)
+
+
+def test_served_steps_are_held_to_a_share_of_a_typical_prompts_prefill():
+    """Served, by default: a step that carries decodes takes at most 0.45 of what a typical
+    prompt's prefill is predicted to take (the median of the admitted prompts, by the step
+    fit), so short prompts give short steps and long ones long steps, and a long prompt among
+    short ones is cut to that time too. Offline, or with prefill_share=0, no limit: steps with
+    decodes then run past it. (The simulated model's steps cost ~0.1 ms whatever they hold, so
+    its prompts are long enough for their prefill to dwarf that.)"""
+    mix = [(6000 if i % 8 == 0 else 1500, 30) for i in range(24)]  # a long prompt now and then
+    arrivals = [2 * i for i in range(24)]
+    stats, report, (limit, prefill) = served_steps(mix, arrivals)
+    assert limit == pytest.approx(ONLINE_PREFILL_SHARE * prefill)
+    assert report["step_limit_ms_median"] / 1e3 == pytest.approx(limit, rel=0.2)  # fit drifts
+    cut = [s for s in stats[8:] if s.num_decode_tokens and s.num_prefill_tokens > 8]  # once fit
+    assert cut and max(s.duration for s in cut) <= 1.05 * report["step_limit_ms_max"] / 1e3
+    assert any(s.num_prefill_tokens < 400 for s in cut)  # cut by the time, not the budget
+
+    offline, off_report, _ = served_steps(mix, arrivals, online=False)
+    assert "step_limit_ms_median" not in off_report
+    assert max(s.duration for s in offline if s.num_decode_tokens) > 1.5 * limit  # can fail
+    _, none_report, (none_limit, _) = served_steps(mix, arrivals, prefill_share=0)
+    assert "step_limit_ms_median" not in none_report and none_limit is None
+
+    longer = [(p * 3, g) for p, g in mix]  # the same mix, prompts three times as long
+    _, long_report, (long_limit, long_prefill) = served_steps(longer, arrivals)
+    assert long_limit == pytest.approx(ONLINE_PREFILL_SHARE * long_prefill)
+    assert long_report["step_limit_ms_median"] > 2 * report["step_limit_ms_median"]
+
+    _, _, (lower, lower_prefill) = served_steps(mix, arrivals, prefill_share=0.2)
+    assert lower == pytest.approx(0.2 * lower_prefill)
+
+
+def test_max_step_ms_wins_over_the_prefill_share():
+    _, report, _ = served_steps([(1500, 20)] * 12, [2 * i for i in range(12)], max_step_ms=0.123)
+    assert report["step_limit_ms_min"] == report["step_limit_ms_max"] == pytest.approx(0.123)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 20), st.integers(0, 30)),
@@ -152,7 +206,12 @@ def test_a_step_limit_keeps_decodes_first_and_never_starves_a_prompt(
 
 @pytest.mark.parametrize(
     "knobs, message",
-    [({"max_step_ms": -1}, "max_step_ms must be >= 0"), ({"min_chunk": 0}, "min_chunk")],
+    [
+        ({"max_step_ms": -1}, "max_step_ms must be >= 0"),
+        ({"min_chunk": 0}, "min_chunk"),
+        ({"prefill_share": -0.5}, "prefill_share must be >= 0"),
+        ({"typical_prompts": 0}, "typical_prompts must be >= 1"),
+    ],
 )
 def test_bad_step_time_settings_are_refused(knobs, message):
     with pytest.raises(ValueError, match=message):

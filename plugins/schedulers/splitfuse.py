@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,8 @@ ONLINE_BUDGET = 512
 """The default token budget of an engine serving a stream of requests (``Scheduler.online``)."""
 OFFLINE_BUDGET = 2048
 """The default token budget of an offline batch."""
+ONLINE_PREFILL_SHARE = 0.45
+"""The default ``prefill_share`` of an engine serving a stream of requests (offline: none)."""
 
 
 @register("scheduler", "splitfuse")
@@ -67,6 +71,18 @@ class SplitFuseScheduler(Scheduler):
         token costs about the same, and so does every key a long prompt's chunk attends to, so
         equal budgets make unequal steps. A bound on inter-token latency, as Sarathi-Serve sizes
         its chunks by its latency target."""
+        prefill_share: float | None = None
+        """Longest a step that carries decodes may take, as a share of a typical prompt's
+        prefill: the median uncached length of the last ``typical_prompts`` admitted prompts,
+        its time alone predicted by the step fit (as ``max_step_ms``, which wins when set).
+        None (the default): by usage, ``ONLINE_PREFILL_SHARE`` (0.5) when the engine serves a
+        stream of requests, none offline (only throughput counts there); 0: none. The limit
+        follows the workload in the machine's own time: a decode waits at most half of what a
+        typical prompt's prefill takes (with prompts of ~1000 tokens a 512-token budget binds
+        first; with prompts of ~200, a 512-token step would stall decodes for several whole
+        prefills), and a typical prompt's prefill spans about two steps beside the decodes."""
+        typical_prompts: int = 64
+        """Admitted prompts whose median length is the typical prompt (``prefill_share``)."""
         min_chunk: int = 8
         """Prompt tokens a step gets (or all there are) even when ``max_step_ms`` leaves no
         time: prompts always advance."""
@@ -76,6 +92,15 @@ class SplitFuseScheduler(Scheduler):
             if not self.max_step_ms >= 0:
                 raise ValueError(
                     f"scheduler.max_step_ms must be >= 0 (0: no limit), got {self.max_step_ms}"
+                )
+            if self.prefill_share is not None and not self.prefill_share >= 0:
+                raise ValueError(
+                    f"scheduler.prefill_share must be >= 0 (0: none) or null (by usage), got "
+                    f"{self.prefill_share}"
+                )
+            if self.typical_prompts < 1:
+                raise ValueError(
+                    f"scheduler.typical_prompts must be >= 1, got {self.typical_prompts}"
                 )
             if self.min_chunk < 1:
                 raise ValueError(f"scheduler.min_chunk must be >= 1, got {self.min_chunk}")
@@ -103,6 +128,9 @@ class SplitFuseScheduler(Scheduler):
         self._timed: tuple[StepPlan, float, int] | None = None  # plan, seconds, prompt tokens
         self.window: int | None = None
         """The model's sliding window (from ``calibrate``'s shape), for the predicted costs."""
+        self.prompt_lengths: deque[int] = deque(maxlen=config.typical_prompts)
+        """Uncached lengths of the last admitted prompts (for ``prefill_share``)."""
+        self._limits: deque[float] = deque(maxlen=4096)  # recent step limits, s (the report)
 
     def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
         self.window = shape.get("sliding_window")
@@ -130,7 +158,11 @@ class SplitFuseScheduler(Scheduler):
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"token_budget": self.token_budget}
-        coef = self.step_fit.coefficients() if self.config.max_step_ms else None
+        if self._limits:  # the step-time limits the last steps with decodes were held to
+            out["step_limit_ms_median"] = statistics.median(self._limits) * 1e3
+            out["step_limit_ms_min"] = min(self._limits) * 1e3
+            out["step_limit_ms_max"] = max(self._limits) * 1e3
+        coef = self.step_fit.coefficients() if self.observes_steps else None
         if coef is not None:  # what the limit was enforced with, in readable units
             units = [("fixed_ms", 1e3), ("token_us", 1e6), ("logit_us", 1e6),
                      ("prompt_pair_ns", 1e9), ("decode_key_ns", 1e9)]  # fmt: skip
@@ -147,8 +179,28 @@ class SplitFuseScheduler(Scheduler):
         return plan
 
     @property
+    def share(self) -> float:
+        """The ``prefill_share`` in force: configured, else by usage (0: none)."""
+        if self.config.prefill_share is not None:
+            return self.config.prefill_share
+        return ONLINE_PREFILL_SHARE if self.online else 0.0
+
+    @property
     def observes_steps(self) -> bool:
-        return bool(self.config.max_step_ms)  # the fit serves the limit alone
+        return bool(self.config.max_step_ms or self.share)  # the fit serves the limit alone
+
+    def step_limit(self) -> float | None:
+        """Seconds a step with decodes may take (``max_step_ms``, else ``prefill_share`` of a
+        typical prompt's predicted prefill), or None: no limit (none set, or no fit or admitted
+        prompt yet)."""
+        if self.config.max_step_ms:
+            return self.config.max_step_ms / 1e3
+        coef = self.step_fit.coefficients()
+        if not self.share or coef is None or not self.prompt_lengths:
+            return None
+        n = int(statistics.median_low(self.prompt_lengths))
+        prefill = coef[0] + self._chunk_cost(0, n, True)
+        return float(self.share * prefill)
 
     def observe(self, features: StepFeatures, seconds: float) -> None:
         self.step_fit.add(features, seconds)
@@ -190,19 +242,19 @@ class SplitFuseScheduler(Scheduler):
     def _time_left(self, plan: StepPlan) -> tuple[float | None, int]:
         """Seconds ``plan`` may still grow by under ``max_step_ms`` (None: no limit), and the
         prompt tokens it holds."""
-        if not self.config.max_step_ms:
-            return None, 0
         if self._timed is not None and self._timed[0] is plan:
             return self._timed[1], self._timed[2]
         coef = self.step_fit.coefficients()
         decodes = [c.seq for c in plan.chunks if c.seq.is_decode]
-        if coef is None or not decodes:
+        limit = self.step_limit() if decodes else None
+        if coef is None or limit is None:
             self._timed = None
             return None, 0
+        self._limits.append(limit)
         w = self.window
         keys = sum(s.num_computed + 1 if w is None else min(s.num_computed + 1, w) for s in decodes)
         alone = coef[0] + (coef[1] + coef[2]) * len(decodes) + coef[4] * keys
-        left = float(self.config.max_step_ms / 1e3 - alone)
+        left = float(limit - alone)
         self._timed = (plan, left, plan.num_tokens - len(decodes))
         return left, self._timed[2]
 
@@ -238,7 +290,9 @@ class SplitFuseScheduler(Scheduler):
                 uncached = self.num_uncached(seq)
                 if self.chunk_fit(plan, seq, seq.num_tokens - uncached, uncached) <= 0:
                     return
+            uncached = self.num_uncached(seq)
             if self.admit(seq, seq.num_tokens):
+                self.prompt_lengths.append(uncached)
                 self._count_pass(seq)
                 n = self.prompt_room(plan, seq)
                 if n <= 0:  # cannot happen after the check above; never admit without a chunk
