@@ -164,6 +164,24 @@ def test_served_steps_are_held_to_a_share_of_a_typical_prompts_prefill():
     assert lower == pytest.approx(0.2 * lower_prefill)
 
 
+def test_held_to_a_time_a_short_prompt_goes_before_a_long_one_being_split():
+    """Served with a step limit, a prompt being split goes first only while no waiting prompt
+    is shorter: a short prompt that arrives while a long one is split gets its first token
+    long before the long one does; by FastGen's order (the split prompt's remainder first, as
+    offline) it waits for the whole long prompt."""
+    reqs = [(1500, 40)] * 4 + [(12000, 5), (1500, 5)]  # decodes running, a long, then a short
+    arrivals = [0, 0, 0, 0, 12, 16]
+    firsts = {}
+    for online in (True, False):
+        engine = make_engine("splitfuse", token_budget=512, num_blocks=100_000)
+        engine.scheduler.set_online(online)
+        seqs = run(engine, reqs, arrivals)
+        firsts[online] = [s.metrics.first_token_time for s in seqs[4:]]
+    (long_on, short_on), (long_off, short_off) = firsts[True], firsts[False]
+    assert short_on < long_on  # the short prompt went first
+    assert short_off > long_off  # FastGen's order: behind the whole long prompt
+
+
 def test_max_step_ms_wins_over_the_prefill_share():
     _, report, _ = served_steps([(1500, 20)] * 12, [2 * i for i in range(12)], max_step_ms=0.123)
     assert report["step_limit_ms_min"] == report["step_limit_ms_max"] == pytest.approx(0.123)

@@ -174,8 +174,22 @@ class SplitFuseScheduler(Scheduler):
     def schedule(self) -> StepPlan:
         plan = StepPlan(budget=self.token_budget)
         self.schedule_decodes(plan)
-        self.schedule_continuing(plan)
+        if self._time_left(plan)[0] is None:  # FastGen's order: a split prompt's remainder first
+            self.schedule_continuing(plan)
+            self.schedule_admissions(plan)
+            return plan
+        # held to a time, a step has room for a sliver of prompt, and it goes to the prompt
+        # with the least left first (ties: continuing_order): a prompt being split goes ahead
+        # of a waiting one only if that is no shorter. In arrival order, a long prompt held
+        # every short one behind it for the dozens of steps it took (vLLM, for the same end,
+        # caps long prompts' share of a step when prefills run side by side)
+        shortest = min((self.num_uncached(s) for s in self.waiting), default=None)
+        prompts = sorted(self.continuing_order(), key=lambda s: s.num_pending)
+        ahead = [s for s in prompts if shortest is None or s.num_pending <= shortest]
+        self.schedule_continuing(plan, ahead)
         self.schedule_admissions(plan)
+        first = {id(s) for s in ahead}
+        self.schedule_continuing(plan, [s for s in prompts if id(s) not in first])
         return plan
 
     @property
