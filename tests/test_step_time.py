@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import statistics
 
 import numpy as np
 import pytest
@@ -118,11 +120,18 @@ def test_max_step_ms_bounds_the_steps_that_carry_decodes():
 
 def served_steps(reqs, arrivals, online=True, **knobs):
     """The simulated engine's steps over ``reqs``, served (``set_online``) or offline, with the
-    scheduler's report and, at the end, its step limit and its typical prompt's predicted
-    prefill (seconds)."""
+    scheduler's report, the prompt chunks of its steps that carried decodes (tokens, whether
+    the chunk completes its prompt), and at the end its step limit and its typical prompt's
+    predicted prefill from scratch (seconds)."""
     engine = make_engine("splitfuse", token_budget=512, num_blocks=100_000, **knobs)
     engine.scheduler.set_online(online)
-    seqs = run(engine, reqs, arrivals)
+    chunks = []
+
+    def on_step(plan, before):
+        if plan.num_decode_tokens:
+            chunks.extend((c.num_tokens, c.completes) for c in plan.chunks if not c.seq.is_decode)
+
+    seqs = run(engine, reqs, arrivals, on_step)
     assert [s.num_output_tokens for s in seqs] == [g for _, g in reqs]
     sched = engine.scheduler
     coef = sched.step_fit.coefficients()
@@ -130,38 +139,61 @@ def served_steps(reqs, arrivals, online=True, **knobs):
     prefill = None  # no fit without a limit to serve
     if coef is not None:
         prefill = float(coef[0] + coef[1] * n + coef[2] + coef[3] * attention_pairs(0, n, None))
-    return engine.stats, sched.report(), (sched.step_limit(), prefill)
+    return engine.stats, sched.report(), chunks, (sched.step_limit(), prefill)
 
 
 def test_served_steps_are_held_to_a_share_of_a_typical_prompts_prefill():
     """Served, by default: a step that carries decodes takes at most 0.45 of what a typical
-    prompt's prefill is predicted to take (the median of the admitted prompts, by the step
-    fit), so short prompts give short steps and long ones long steps, and a long prompt among
-    short ones is cut to that time too. Offline, or with prefill_share=0, no limit: steps with
-    decodes then run past it. (The simulated model's steps cost ~0.1 ms whatever they hold, so
-    its prompts are long enough for their prefill to dwarf that.)"""
+    prompt's prefill from scratch is predicted to take (the median of the admitted prompts,
+    by the step fit), so short prompts give short steps and long ones long steps, and a long
+    prompt among short ones goes in pieces of that time too. Offline, or with
+    prefill_share=0, no limit: steps with decodes then run far past it. (The simulated model's
+    steps cost ~0.1 ms whatever they hold, so its prompts are long enough for their prefill to
+    dwarf that.)"""
     mix = [(6000 if i % 8 == 0 else 1500, 30) for i in range(24)]  # a long prompt now and then
     arrivals = [2 * i for i in range(24)]
-    stats, report, (limit, prefill) = served_steps(mix, arrivals)
+    stats, report, chunks, (limit, prefill) = served_steps(mix, arrivals)
     assert limit == pytest.approx(ONLINE_PREFILL_SHARE * prefill)
     assert report["step_limit_ms_median"] / 1e3 == pytest.approx(limit, rel=0.2)  # fit drifts
     cut = [s for s in stats[8:] if s.num_decode_tokens and s.num_prefill_tokens > 8]  # once fit
     assert cut and max(s.duration for s in cut) <= 1.05 * report["step_limit_ms_max"] / 1e3
-    assert any(s.num_prefill_tokens < 400 for s in cut)  # cut by the time, not the budget
+    assert any(8 < n < 400 and not done for n, done in chunks)  # cut by the time, not the budget
 
-    offline, off_report, _ = served_steps(mix, arrivals, online=False)
+    _, off_report, off_chunks, _ = served_steps(mix, arrivals, online=False)
     assert "step_limit_ms_median" not in off_report
-    assert max(s.duration for s in offline if s.num_decode_tokens) > 1.5 * limit  # can fail
-    _, none_report, (none_limit, _) = served_steps(mix, arrivals, prefill_share=0)
+    assert max(n for n, done in off_chunks if not done) >= 400  # the budget alone cuts them
+    _, none_report, _, (none_limit, _) = served_steps(mix, arrivals, prefill_share=0)
     assert "step_limit_ms_median" not in none_report and none_limit is None
 
     longer = [(p * 3, g) for p, g in mix]  # the same mix, prompts three times as long
-    _, long_report, (long_limit, long_prefill) = served_steps(longer, arrivals)
+    _, _, _, (long_limit, long_prefill) = served_steps(longer, arrivals)
     assert long_limit == pytest.approx(ONLINE_PREFILL_SHARE * long_prefill)
-    assert long_report["step_limit_ms_median"] > 2 * report["step_limit_ms_median"]
+    assert long_limit > 2 * limit
 
-    _, _, (lower, lower_prefill) = served_steps(mix, arrivals, prefill_share=0.2)
+    _, _, _, (lower, lower_prefill) = served_steps(mix, arrivals, prefill_share=0.2)
     assert lower == pytest.approx(0.2 * lower_prefill)
+
+
+def test_the_typical_prompt_counts_its_cached_prefix_too():
+    """With a prefix cache, prompts that share a long prefix compute only their suffixes, but
+    the typical prompt is the whole one: a limit set by the suffixes would sit below the
+    decodes' own step and give every step min_chunk prompt tokens."""
+    prefix = [7] * 3000
+    reqs = [(prefix + [100 + i] * 200, 20) for i in range(16)]  # 3200 tokens, 200 uncached
+    stats, _, _, (limit, prefill) = served_steps(
+        reqs, [2 * i for i in range(16)], allocator="prefix"
+    )
+    assert limit == pytest.approx(ONLINE_PREFILL_SHARE * prefill)
+    cached = [s for s in stats[8:] if s.num_decode_tokens and s.num_prefill_tokens]
+    assert max(s.num_prefill_tokens for s in cached) > 100  # suffixes not cut to slivers
+
+
+def test_max_step_ms_wins_over_the_prefill_share():
+    reqs, arrivals = [(1500, 20)] * 12, [2 * i for i in range(12)]
+    stats, report, _, _ = served_steps(reqs, arrivals, max_step_ms=0.3)
+    assert report["step_limit_ms_min"] == report["step_limit_ms_max"] == pytest.approx(0.3)
+    cut = [s.duration for s in stats[8:] if s.num_decode_tokens and s.num_prefill_tokens > 8]
+    assert cut and statistics.median(cut) == pytest.approx(0.3e-3, rel=0.05)
 
 
 def test_held_to_a_time_a_short_prompt_goes_before_a_long_one_being_split():
@@ -182,9 +214,31 @@ def test_held_to_a_time_a_short_prompt_goes_before_a_long_one_being_split():
     assert short_off > long_off  # FastGen's order: behind the whole long prompt
 
 
-def test_max_step_ms_wins_over_the_prefill_share():
-    _, report, _ = served_steps([(1500, 20)] * 12, [2 * i for i in range(12)], max_step_ms=0.123)
-    assert report["step_limit_ms_min"] == report["step_limit_ms_max"] == pytest.approx(0.123)
+def test_held_to_a_time_a_long_prompt_among_a_stream_of_short_ones_still_advances():
+    """Shortest first has a bound: short prompts arriving every step would take every step's
+    prompt time, but a prompt being split that went max_prompt_wait steps without a chunk goes
+    first for one. With the wait unbounded the long prompt goes without for much longer."""
+    reqs = [(1500, 200)] * 4 + [(20000, 2)] + [(300, 2)] * 120
+    arrivals = [0, 0, 0, 0, 12] + [14 + i for i in range(120)]
+
+    def longest_gap(wait: int) -> int:
+        engine = make_engine("splitfuse", token_budget=512, num_blocks=100_000,
+                             max_prompt_wait=wait)  # fmt: skip
+        engine.scheduler.set_online(True)
+        served: list[int] = []  # plans in which the long prompt got a chunk
+
+        def on_step(plan, before):
+            on_step.n = getattr(on_step, "n", 0) + 1
+            if any(c.seq.request_id == "4" and not c.seq.is_decode for c in plan.chunks):
+                served.append(on_step.n)
+
+        seqs = run(engine, reqs, arrivals, on_step)
+        assert seqs[4].num_output_tokens == 2
+        return max(b - a for a, b in itertools.pairwise(served))
+
+    bounded, unbounded = longest_gap(3), longest_gap(10_000)
+    assert bounded <= 6  # 3 steps, and prompts that waited as long may go before it
+    assert unbounded > 2 * bounded  # the test can fail
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -192,21 +246,25 @@ def test_max_step_ms_wins_over_the_prefill_share():
     reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 20), st.integers(0, 30)),
                   min_size=1, max_size=12),
     name=st.sampled_from(["splitfuse", "splitfuse_priority", "splitfuse_spf"]),
-    limit_ms=st.sampled_from([0.01, 0.05, 0.1, 0.2]),
+    limit=st.sampled_from([("ms", 0.01), ("ms", 0.05), ("ms", 0.1), ("ms", 0.2),
+                           ("share", 0.02), ("share", 0.25), ("share", 1.0)]),
     min_chunk=st.integers(1, 16),
     budget=st.integers(1, 256),
     allocator=st.sampled_from(["blocked", "prefix"]),
 )  # fmt: skip
 def test_a_step_limit_keeps_decodes_first_and_never_starves_a_prompt(
-    reqs, name, limit_ms, min_chunk, budget, allocator
+    reqs, name, limit, min_chunk, budget, allocator
 ):
     """Whatever the limit: decodes first within the budget, a step with room after its decodes
     gives prompts at least min_chunk tokens (or all they have), no prompt is admitted (KV taken)
     without a chunk, and every request ends in full; with a prefix cache too (the prompts here
-    share prefixes)."""
-    engine = make_engine(name, token_budget=budget, max_step_ms=limit_ms, min_chunk=min_chunk,
-                         allocator=allocator)  # fmt: skip
+    share prefixes); served by a share of a typical prefill as well as by a fixed time."""
+    kind, value = limit
+    knob = {"max_step_ms": value} if kind == "ms" else {"prefill_share": value}
+    engine = make_engine(name, token_budget=budget, min_chunk=min_chunk, allocator=allocator,
+                         **knob)  # fmt: skip
     sched = engine.scheduler
+    sched.set_online(kind == "share")
 
     def on_step(plan, before):
         kinds = [c.seq.is_decode for c in plan.chunks]
@@ -229,6 +287,7 @@ def test_a_step_limit_keeps_decodes_first_and_never_starves_a_prompt(
         ({"min_chunk": 0}, "min_chunk"),
         ({"prefill_share": -0.5}, "prefill_share must be >= 0"),
         ({"typical_prompts": 0}, "typical_prompts must be >= 1"),
+        ({"max_prompt_wait": -1}, "max_prompt_wait must be >= 0"),
     ],
 )
 def test_bad_step_time_settings_are_refused(knobs, message):

@@ -84,7 +84,7 @@ MODGEN = {  # modgen's: its default (SplitFuse; token budget 2048 offline, 512 s
     "splitfuse-64": ["+scheduler=splitfuse", "scheduler.token_budget=64"],
     # steps held to 10 ms whatever their prompt chunks attend to (a tight inter-token latency)
     "splitfuse-10ms": ["+scheduler=splitfuse", "scheduler.max_step_ms=10"],
-    # served steps held to other shares of a typical prompt's prefill (default 0.5), or to none
+    # served steps held to other shares of a typical prompt's prefill (default 0.45), or to none
     "splitfuse-share0.4": ["+scheduler=splitfuse", "scheduler.prefill_share=0.4"],
     "splitfuse-share0.5": ["+scheduler=splitfuse", "scheduler.prefill_share=0.5"],
     "splitfuse-noshare": ["+scheduler=splitfuse", "scheduler.prefill_share=0"],

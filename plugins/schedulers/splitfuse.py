@@ -29,7 +29,8 @@ ONLINE_PREFILL_SHARE = 0.45
 @register("scheduler", "splitfuse")
 class SplitFuseScheduler(Scheduler):
     """Every step runs up to ``token_budget`` tokens: decodes first (one token each), then prompt
-    chunks fill the rest exactly (or, with ``max_step_ms``, as far as the step's time allows). A
+    chunks fill the rest exactly (or, held to a time by ``max_step_ms`` or, served,
+    ``prefill_share``, as far as the step's time allows, shortest prompt first). Else a
     split prompt's remainder goes first among prompts next step; a waiting prompt is admitted
     only when KV blocks for its whole (uncached) remainder are free; when a decode finds no free
     block, a running sequence is preempted and later recomputed.
@@ -63,9 +64,10 @@ class SplitFuseScheduler(Scheduler):
         it fits."""
 
         max_step_ms: float = 0
-        """Longest a step that carries decodes may take, in milliseconds (0: no limit, FastGen's
-        rule: the token budget alone). Prompt chunks are cut to fit, by a fit of step time to
-        step features learnt from the steps run so far (``StepTimeFit``); a step still gets
+        """Longest a step that carries decodes may take, in milliseconds (0: none, and then
+        ``prefill_share`` decides; with neither, FastGen's rule: the token budget alone).
+        Prompt chunks are cut to fit, by a fit of step time to step features learnt from the
+        steps run so far (``StepTimeFit``), shortest prompt first; a step still gets
         ``min_chunk`` prompt tokens, and a step without decodes (no one waits on it) is not
         limited. A token budget bounds a step's tokens, not its time: on a CPU every
         token costs about the same, and so does every key a long prompt's chunk attends to, so
@@ -73,18 +75,27 @@ class SplitFuseScheduler(Scheduler):
         its chunks by its latency target."""
         prefill_share: float | None = None
         """Longest a step that carries decodes may take, as a share of a typical prompt's
-        prefill: the median uncached length of the last ``typical_prompts`` admitted prompts,
-        its time alone predicted by the step fit (as ``max_step_ms``, which wins when set).
-        None (the default): by usage, ``ONLINE_PREFILL_SHARE`` (0.5) when the engine serves a
-        stream of requests, none offline (only throughput counts there); 0: none. The limit
-        follows the workload in the machine's own time: a decode waits at most half of what a
-        typical prompt's prefill takes (with prompts of ~1000 tokens a 512-token budget binds
-        first; with prompts of ~200, a 512-token step would stall decodes for several whole
-        prefills), and a typical prompt's prefill spans about two steps beside the decodes."""
+        prefill: the median length of the last ``typical_prompts`` admitted prompts, its
+        prefill from scratch predicted by the step fit (a step's fixed cost and the prompt's
+        own work; ``max_step_ms`` wins when set). None (the default): by usage,
+        ``ONLINE_PREFILL_SHARE`` (0.45) when the engine serves a stream of requests, none
+        offline (only throughput counts there); 0: none. The limit follows the prompts clients
+        send, in the machine's own time, whatever the machine and model: a decode waits for at
+        most 0.45 of what a typical prompt's prefill takes (with prompts of ~1000 tokens that is
+        near the 512-token budget's steps; with prompts of ~200, a 512-token step would stall
+        decodes for several whole prefills). Counted from scratch, not by its uncached part: a
+        prefix cache makes prompts cheap, not the wait a client expects, and a limit set by the
+        few uncached tokens of a shared-prefix workload (below the decodes' own step) cut its
+        served throughput by a quarter (docs/notes.md). Held to a time, prompt work goes to the
+        prompt with the least left first (``schedule_shortest_first``). 0.45 was chosen on the
+        peers' served workloads beside vLLM (docs/notes.md)."""
         typical_prompts: int = 64
         """Admitted prompts whose median length is the typical prompt (``prefill_share``)."""
+        max_prompt_wait: int = 64
+        """Held to a time, steps a prompt being split may go without a chunk while shorter
+        ones go first; then it goes first for a step (it is delayed, never starved)."""
         min_chunk: int = 8
-        """Prompt tokens a step gets (or all there are) even when ``max_step_ms`` leaves no
+        """Prompt tokens a step gets (or all there are) even when the step limit leaves no
         time: prompts always advance."""
 
         def __post_init__(self) -> None:
@@ -101,6 +112,10 @@ class SplitFuseScheduler(Scheduler):
             if self.typical_prompts < 1:
                 raise ValueError(
                     f"scheduler.typical_prompts must be >= 1, got {self.typical_prompts}"
+                )
+            if self.max_prompt_wait < 0:
+                raise ValueError(
+                    f"scheduler.max_prompt_wait must be >= 0, got {self.max_prompt_wait}"
                 )
             if self.min_chunk < 1:
                 raise ValueError(f"scheduler.min_chunk must be >= 1, got {self.min_chunk}")
@@ -124,13 +139,15 @@ class SplitFuseScheduler(Scheduler):
         self._passes: dict[int, int] = {}  # seq_id -> later arrivals admitted ahead of it
         self._measured: int | None = None  # the budget calibrate chose (token_budget=0)
         self.step_fit = StepTimeFit()
-        """Step time learnt from the steps run (for ``max_step_ms``)."""
+        """Step time learnt from the steps run (for the step limit)."""
         self._timed: tuple[StepPlan, float, int] | None = None  # plan, seconds, prompt tokens
         self.window: int | None = None
         """The model's sliding window (from ``calibrate``'s shape), for the predicted costs."""
         self.prompt_lengths: deque[int] = deque(maxlen=config.typical_prompts)
-        """Uncached lengths of the last admitted prompts (for ``prefill_share``)."""
+        """Lengths of the last admitted prompts (for ``prefill_share``)."""
         self._limits: deque[float] = deque(maxlen=4096)  # recent step limits, s (the report)
+        self._steps = 0  # plans made
+        self._prompt_step: dict[int, int] = {}  # seq_id -> the plan of its last prompt chunk
 
     def calibrate(self, step_seconds: Callable[[int], float], shape: Mapping[str, Any]) -> None:
         self.window = shape.get("sliding_window")
@@ -173,24 +190,46 @@ class SplitFuseScheduler(Scheduler):
 
     def schedule(self) -> StepPlan:
         plan = StepPlan(budget=self.token_budget)
+        self._steps += 1
         self.schedule_decodes(plan)
         if self._time_left(plan)[0] is None:  # FastGen's order: a split prompt's remainder first
             self.schedule_continuing(plan)
             self.schedule_admissions(plan)
-            return plan
-        # held to a time, a step has room for a sliver of prompt, and it goes to the prompt
-        # with the least left first (ties: continuing_order): a prompt being split goes ahead
-        # of a waiting one only if that is no shorter. In arrival order, a long prompt held
-        # every short one behind it for the dozens of steps it took (vLLM, for the same end,
-        # caps long prompts' share of a step when prefills run side by side)
-        shortest = min((self.num_uncached(s) for s in self.waiting), default=None)
-        prompts = sorted(self.continuing_order(), key=lambda s: s.num_pending)
-        ahead = [s for s in prompts if shortest is None or s.num_pending <= shortest]
+        else:
+            self.schedule_shortest_first(plan)
+        for c in plan.chunks:
+            if not c.seq.is_decode:
+                self._prompt_step[c.seq.seq_id] = self._steps
+        return plan
+
+    def schedule_shortest_first(self, plan: StepPlan) -> None:
+        """Prompt chunks of a step held to a time: it has room for a sliver of prompt, and that
+        goes to the prompt with the least left first (ties: ``continuing_order``); a prompt
+        being split goes ahead of a waiting one only if that is no shorter (a waiting prompt's
+        length counts, not its uncached part: no cache lookups every step), and those that went
+        ``max_prompt_wait`` steps without a chunk go first, longest without first. In arrival
+        order, a long prompt being split held every short one behind it for the dozens of steps
+        it took (vLLM, to the same end, caps long prompts' share of a step when prefills run
+        side by side)."""
+        shortest = min((s.num_pending for s in self.waiting), default=None)
+        split = (s for s in self.continuing_order() if not s.is_decode and s.num_pending > 0)
+        prompts = sorted(split, key=lambda s: s.num_pending)
+        wait = self.config.max_prompt_wait
+        last = {s.seq_id: self._prompt_step.get(s.seq_id, 0) for s in prompts}
+        aged = sorted(
+            (s for s in prompts if self._steps - last[s.seq_id] > wait),
+            key=lambda s: last[s.seq_id],
+        )  # fmt: skip  (longest without a chunk first)
+        aged_ids = {s.seq_id for s in aged}
+        ahead = aged + [
+            s
+            for s in prompts
+            if s.seq_id not in aged_ids and (shortest is None or s.num_pending <= shortest)
+        ]
         self.schedule_continuing(plan, ahead)
         self.schedule_admissions(plan)
         first = {id(s) for s in ahead}
         self.schedule_continuing(plan, [s for s in prompts if id(s) not in first])
-        return plan
 
     @property
     def share(self) -> float:
@@ -204,24 +243,23 @@ class SplitFuseScheduler(Scheduler):
         return bool(self.config.max_step_ms or self.share)  # the fit serves the limit alone
 
     def step_limit(self) -> float | None:
-        """Seconds a step with decodes may take (``max_step_ms``, else ``prefill_share`` of a
-        typical prompt's predicted prefill), or None: no limit (none set, or no fit or admitted
-        prompt yet)."""
+        """Seconds a step with decodes may take: ``max_step_ms``, else ``prefill_share`` of a
+        typical prompt's predicted prefill (a step's fixed cost and the prompt's own work);
+        None: no limit (none set, or no fit or admitted prompt yet)."""
         if self.config.max_step_ms:
             return self.config.max_step_ms / 1e3
         coef = self.step_fit.coefficients()
         if not self.share or coef is None or not self.prompt_lengths:
             return None
         n = int(statistics.median_low(self.prompt_lengths))
-        prefill = coef[0] + self._chunk_cost(0, n, True)
-        return float(self.share * prefill)
+        return float(self.share * (coef[0] + self._chunk_cost(0, n, True)))
 
     def observe(self, features: StepFeatures, seconds: float) -> None:
         self.step_fit.add(features, seconds)
 
     def chunk_fit(self, plan: StepPlan, seq: Sequence, start: int, pending: int) -> int:
         """Tokens a prompt chunk of ``seq`` from position ``start`` (``pending`` tokens to go)
-        may take in ``plan``: what the token budget leaves, cut to the time ``max_step_ms``
+        may take in ``plan``: what the token budget leaves, cut to the time the step limit
         leaves, never below what ``min_chunk`` still owes the step's prompts (0: the step is
         full). Books nothing (``prompt_room`` does); expects the decodes planned first, as
         every SplitFuse phase order has them."""
@@ -254,27 +292,33 @@ class SplitFuseScheduler(Scheduler):
         return float(coef[1] * n + coef[2] * completes + coef[3] * pairs)
 
     def _time_left(self, plan: StepPlan) -> tuple[float | None, int]:
-        """Seconds ``plan`` may still grow by under ``max_step_ms`` (None: no limit), and the
+        """Seconds ``plan`` may still grow by under the step limit (None: no limit), and the
         prompt tokens it holds."""
+        if not self.observes_steps:
+            return None, 0
         if self._timed is not None and self._timed[0] is plan:
             return self._timed[1], self._timed[2]
         coef = self.step_fit.coefficients()
         decodes = [c.seq for c in plan.chunks if c.seq.is_decode]
-        limit = self.step_limit() if decodes else None
-        if coef is None or limit is None:
+        if coef is None or not decodes:
             self._timed = None
             return None, 0
-        self._limits.append(limit)
         w = self.window
         keys = sum(s.num_computed + 1 if w is None else min(s.num_computed + 1, w) for s in decodes)
         alone = coef[0] + (coef[1] + coef[2]) * len(decodes) + coef[4] * keys
+        limit = self.step_limit()
+        if limit is None:
+            self._timed = None
+            return None, 0
+        self._limits.append(limit)
         left = float(limit - alone)
         self._timed = (plan, left, plan.num_tokens - len(decodes))
         return left, self._timed[2]
 
     def continuing_order(self) -> Iterable[Sequence]:
         """Running sequences in the order their pending prompt tokens get the budget. Default:
-        admission order (a split prompt's remainder before any newer prompt)."""
+        admission order (a split prompt's remainder before any newer prompt). Held to a time,
+        it breaks ties only (``schedule_shortest_first``)."""
         return self.running
 
     def schedule_continuing(self, plan: StepPlan, seqs: Iterable[Sequence] | None = None) -> None:
@@ -292,7 +336,7 @@ class SplitFuseScheduler(Scheduler):
     def schedule_admissions(self, plan: StepPlan) -> None:
         """Waiting prompts, in ``admission_order``, while the budget lasts: each is admitted only
         when blocks for its whole remainder are free, and gets a chunk that fills the budget (or
-        the time ``max_step_ms`` leaves; none is admitted without a chunk). The
+        the time the step limit leaves; none is admitted without a chunk). The
         first that does not fit stops admission, unless ``max_passes`` lets later ones pass."""
         passed: list[Sequence] = []  # did not fit; later ones may pass them
         for seq in self.admission_order():
@@ -304,9 +348,9 @@ class SplitFuseScheduler(Scheduler):
                 uncached = self.num_uncached(seq)
                 if self.chunk_fit(plan, seq, seq.num_tokens - uncached, uncached) <= 0:
                     return
-            uncached = self.num_uncached(seq)
             if self.admit(seq, seq.num_tokens):
-                self.prompt_lengths.append(uncached)
+                if not seq.metrics.num_preemptions:  # a prompt, not a recompute
+                    self.prompt_lengths.append(seq.num_prompt_tokens)
                 self._count_pass(seq)
                 n = self.prompt_room(plan, seq)
                 if n <= 0:  # cannot happen after the check above; never admit without a chunk
@@ -330,4 +374,5 @@ class SplitFuseScheduler(Scheduler):
 
     def remove(self, seq: Sequence) -> None:
         self._passes.pop(seq.seq_id, None)
+        self._prompt_step.pop(seq.seq_id, None)
         super().remove(seq)
