@@ -1,5 +1,6 @@
-"""Throughput against p95 inter-token latency, served: SplitFuse held by a token budget against
-SplitFuse held by a step time (``scheduler.max_step_ms``), never part of CI.
+"""Throughput against p95 inter-token latency, served: SplitFuse held by a token budget, by a
+step time (``scheduler.max_step_ms``) and by a share of a typical prompt's prefill
+(``scheduler.prefill_share``, the served default at 0.45), never part of CI.
 
 Each point is one ``task=bench`` run with 16 closed-loop clients on the peers' checkpoint
 (see peers/make_checkpoint.py) and workloads; the plot has one line per knob and workload, and
@@ -40,7 +41,10 @@ WORKLOADS = _peers_workloads()
 KNOBS = {
     "token_budget": [32, 48, 64, 96, 128, 256, 512],
     "max_step_ms": [8, 10, 12, 15, 20, 30],
+    "prefill_share": [0.25, 0.35, 0.45, 0.6, 0.8],
 }
+# each knob alone: the budget's points without the default step limit beside it
+ALONE = {"token_budget": ["scheduler.prefill_share=0"]}
 
 
 def bench(out: Path, ckpt: Path, workload: str, knob: str, value: float) -> dict:
@@ -49,7 +53,8 @@ def bench(out: Path, ckpt: Path, workload: str, knob: str, value: float) -> dict
     if not (run_dir / "results.json").is_file():
         subprocess.run(
             [sys.executable, "-m", "modgen", "task=bench", "task.clients=16",
-             "+scheduler=splitfuse", f"scheduler.{knob}={value}", "model=mistral",
+             "+scheduler=splitfuse", f"scheduler.{knob}={value}", *ALONE.get(knob, []),
+             "model=mistral",
              f"model.checkpoint={ckpt}", *WORKLOADS[workload], f"hydra.run.dir={run_dir}"],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -104,7 +109,7 @@ def plot(rows: list[dict], path: Path, peers: Path | None, workloads: list[str])
     fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.4))
     axes = [axes] if len(workloads) == 1 else axes
     for ax, wl in zip(axes, workloads, strict=True):
-        for knob, style in (("token_budget", "o-"), ("max_step_ms", "s-")):
+        for knob, style in (("token_budget", "o-"), ("max_step_ms", "s-"), ("prefill_share", "^-")):
             pts = [r for r in rows if r["workload"] == wl and r["knob"] == knob]
             ax.plot([r["itl_p95_ms"] for r in pts], [r["request_throughput"] for r in pts],
                     style, label=f"SplitFuse, {knob}")  # fmt: skip
