@@ -216,10 +216,10 @@ class SplitFuseScheduler(Scheduler):
         prompts = sorted(split, key=lambda s: s.num_pending)
         wait = self.config.max_prompt_wait
         last = {s.seq_id: self._prompt_step.get(s.seq_id, 0) for s in prompts}
-        aged = sorted(
+        aged = sorted(  # longest without a chunk first
             (s for s in prompts if self._steps - last[s.seq_id] > wait),
             key=lambda s: last[s.seq_id],
-        )  # fmt: skip  (longest without a chunk first)
+        )
         aged_ids = {s.seq_id for s in aged}
         ahead = aged + [
             s
