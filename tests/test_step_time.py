@@ -135,7 +135,7 @@ def served_steps(reqs, arrivals, online=True, **knobs):
     assert [s.num_output_tokens for s in seqs] == [g for _, g in reqs]
     sched = engine.scheduler
     coef = sched.step_fit.coefficients()
-    n = sorted(sched.prompt_lengths)[(len(sched.prompt_lengths) - 1) // 2]
+    n = statistics.median_low(sched.prompt_lengths)
     prefill = None  # no fit without a limit to serve
     if coef is not None:
         prefill = float(coef[0] + coef[1] * n + coef[2] + coef[3] * attention_pairs(0, n, None))
