@@ -197,9 +197,10 @@ class SplitFuseScheduler(Scheduler):
             self.schedule_admissions(plan)
         else:
             self.schedule_shortest_first(plan)
-        for c in plan.chunks:
-            if not c.seq.is_decode:
-                self._prompt_step[c.seq.seq_id] = self._steps
+        if self.observes_steps:  # a limit may be in force: max_prompt_wait counts from here
+            for c in plan.chunks:
+                if not c.seq.is_decode:
+                    self._prompt_step[c.seq.seq_id] = self._steps
         return plan
 
     def schedule_shortest_first(self, plan: StepPlan) -> None:
@@ -228,8 +229,8 @@ class SplitFuseScheduler(Scheduler):
         ]
         self.schedule_continuing(plan, ahead)
         self.schedule_admissions(plan)
-        first = {id(s) for s in ahead}
-        self.schedule_continuing(plan, [s for s in prompts if id(s) not in first])
+        first = {s.seq_id for s in ahead}
+        self.schedule_continuing(plan, [s for s in prompts if s.seq_id not in first])
 
     @property
     def share(self) -> float:
